@@ -1,0 +1,73 @@
+"""Shared pieces of every experiment config: the pretrained variants and the base.
+
+Experiment files call `base_config(variant)` and override what differs; they never
+copy it. Keys listed in DESIGN.md Part C3 are a contract: keep their names.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+# Pretrained InternViT-6B files -> (depth, pretrain_size). Width 3200, 25 heads.
+VARIANTS = {
+    '224': (48, 224, 'intern_vit_6b_224px.pth'),
+    '448_v1_0': (45, 448, 'intern_vit_6b_448px_v1_0.pth'),
+    '448_v1_2': (45, 448, 'intern_vit_6b_448px_v1_2.pth'),
+    '448_v1_5': (45, 448, 'intern_vit_6b_448px_v1_5.pth'),
+    '448_v2_5': (45, 448, 'intern_vit_6b_448px_v2_5.pth'),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'448_v2_5,tiny' or 'variant=224,tiny=1' -> ConfigDict over `defaults`.
+
+  A bare word that is a variant name sets `variant`; any other bare word is a
+  boolean flag set to True. Unknown keys are an error.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if not value:
+      key, value = ('variant', key) if key in VARIANTS else (key, 'True')
+    if key not in out:
+      raise ValueError(f'unknown config argument {key!r}; known: {sorted(out.keys())}')
+    kind = type(out[key])
+    out[key] = value.lower() in ('1', 'true', 'yes') if kind is bool else kind(value)
+  if out.get('variant') is not None and out.variant not in VARIANTS:
+    raise ValueError(f'unknown variant {out.variant!r}; known: {sorted(VARIANTS)}')
+  return out
+
+
+def backbone_config(variant: str = '224', img_size: int = 504) -> ml_collections.ConfigDict:
+  depth, pretrain_size, _ = VARIANTS[variant]
+  return ml_collections.ConfigDict(dict(
+      embed_dim=3200, depth=depth, num_heads=25, mlp_ratio=4.0, patch_size=14,
+      img_size=img_size, pretrain_size=pretrain_size, qkv_bias=False, qk_normalization=True,
+      init_values=0.1, drop_path_rate=0.0, out_indices=[depth - 1], with_fpn=False,
+      freeze=True,
+      attention='auto',   # 'auto' (cuDNN on GPU in bf16, else XLA) | 'xla' | 'cudnn'
+      remat='full',       # per-block activation checkpointing: none | full | dots | everything
+  ))
+
+
+def tiny_backbone(config: ml_collections.ConfigDict) -> None:
+  """Shrinks the backbone for CPU runs and tests (runlocal-style)."""
+  bb = config.model.backbone
+  bb.embed_dim, bb.num_heads, bb.depth = 64, 2, 4
+  bb.out_indices = [min(i, bb.depth - 1) for i in bb.out_indices]
+
+
+def base_config(variant: str = '224') -> ml_collections.ConfigDict:
+  """Everything an experiment needs, with the reference's common settings."""
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.model = ml_collections.ConfigDict(dict(
+      backbone=backbone_config(variant),
+      dtype='bfloat16',          # compute dtype; norms, softmax and the loss run in float32
+      param_dtype='float32',     # storage dtype of the parameters
+  ))
+  c.init = ml_collections.ConfigDict(dict(
+      pretrained=config_dict.placeholder(str),   # converted backbone (convert.pth_to_orbax)
+      checkpoint=config_dict.placeholder(str),   # converted or trained full model
+  ))
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  c.seed = 0
+  return c

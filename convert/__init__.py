@@ -1,0 +1,1 @@
+"""PyTorch -> Orbax conversion of the pretrained backbones and released segmentors."""

@@ -1,0 +1,1 @@
+"""internseg_jax: InternViT-6B semantic segmentation in JAX/Flax."""

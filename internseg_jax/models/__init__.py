@@ -1,0 +1,1 @@
+"""Flax modules. Models import nothing from training or file formats."""

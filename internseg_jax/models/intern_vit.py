@@ -1,0 +1,206 @@
+"""InternViT (the InternViT-6B backbone) in Flax.
+
+Follows the reference block by block: fused qkv without bias, RMSNorm computed in
+float32, QK-norm over the full width before the head split, layer scale, exact
+GELU, stochastic depth rising over depth, a cls token and no final norm.
+
+The blocks' parameters are stacked on a leading `depth` axis and run with
+`lax.scan`, so compile time does not grow with depth. The scan is split at the
+requested `out_indices`, so only those feature maps are kept, and blocks after
+the last requested index are never run.
+"""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from internseg_jax.models.resize import resize_pos_embed
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'everything': jax.checkpoint_policies.everything_saveable,
+}
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm: normalized in float32, cast back to the input dtype, then scaled."""
+  eps: float = 1e-6
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param('scale', nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return xf.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def attention_implementation(name: str, dtype) -> str | None:
+  """Resolves 'auto' to cuDNN flash attention on GPU in 16-bit, XLA elsewhere."""
+  if name == 'auto':
+    on_gpu = jax.default_backend() == 'gpu'
+    name = 'cudnn' if on_gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else 'xla'
+  if name not in ('xla', 'cudnn'):
+    raise ValueError(f"attention must be 'auto', 'xla' or 'cudnn', got {name!r}")
+  return name
+
+
+class Attention(nn.Module):
+  num_heads: int
+  qkv_bias: bool = False
+  qk_normalization: bool = True
+  implementation: str = 'xla'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, c = x.shape
+    dense = lambda features, bias, name: nn.Dense(
+        features, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+    q, k, v = jnp.split(dense(3 * c, self.qkv_bias, 'qkv')(x), 3, axis=-1)
+    if self.qk_normalization:  # over all heads together, before the head split
+      q = RMSNorm(param_dtype=self.param_dtype, name='q_norm')(q)
+      k = RMSNorm(param_dtype=self.param_dtype, name='k_norm')(k)
+    split_heads = lambda t: t.reshape(b, n, self.num_heads, c // self.num_heads)
+    out = jax.nn.dot_product_attention(
+        split_heads(q), split_heads(k), split_heads(v), implementation=self.implementation)
+    return dense(c, True, 'proj')(out.reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+  hidden_dim: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype, name='fc1')(x)
+    h = nn.gelu(h, approximate=False)
+    return nn.Dense(x.shape[-1], dtype=self.dtype, param_dtype=self.param_dtype, name='fc2')(h)
+
+
+class LayerScale(nn.Module):
+  init_values: float = 0.1
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param('gamma', nn.initializers.constant(self.init_values), (x.shape[-1],),
+                       self.param_dtype)
+    return x * gamma.astype(x.dtype)
+
+
+def drop_path(x, rate, key):
+  """Stochastic depth: drops whole samples with probability `rate`, rescales the rest."""
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+class Block(nn.Module):
+  """Pre-norm transformer block: x + ls1*attn(norm1(x)), then x + ls2*mlp(norm2(x))."""
+  num_heads: int
+  mlp_ratio: float = 4.0
+  qkv_bias: bool = False
+  qk_normalization: bool = True
+  init_values: float = 0.1
+  attention: str = 'xla'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, drop_rate=None, key=None):
+    """`drop_rate`/`key` given: training with stochastic depth; else deterministic."""
+    pd = self.param_dtype
+    branches = (
+        lambda h: Attention(self.num_heads, self.qkv_bias, self.qk_normalization,
+                            self.attention, self.dtype, pd, name='attn')(h),
+        lambda h: Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, pd, name='mlp')(h),
+    )
+    for i, branch in enumerate(branches, start=1):
+      h = RMSNorm(param_dtype=pd, name=f'norm{i}')(x)
+      h = LayerScale(self.init_values, pd, name=f'ls{i}')(branch(h))
+      if key is not None:
+        h = drop_path(h, drop_rate, jax.random.fold_in(key, i))
+      x = x + h
+    return x
+
+
+class InternViT(nn.Module):
+  """InternViT backbone. Input (B, H, W, 3) normalized images, H and W multiples of
+  `patch_size`; output a list of (B, H/p, W/p, C) maps, one per `out_indices`."""
+  embed_dim: int = 3200
+  depth: int = 48
+  num_heads: int = 25
+  mlp_ratio: float = 4.0
+  patch_size: int = 14
+  img_size: int = 224
+  qkv_bias: bool = False
+  qk_normalization: bool = True
+  init_values: float = 0.1
+  drop_path_rate: float = 0.0
+  out_indices: Sequence[int] = (47,)
+  attention: str = 'auto'
+  remat: str = 'full'
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def block(self) -> Block:
+    """An unbound block, applied functionally to one slice of the stacked params."""
+    return Block(self.num_heads, self.mlp_ratio, self.qkv_bias, self.qk_normalization,
+                 self.init_values, attention_implementation(self.attention, self.dtype),
+                 self.dtype, self.param_dtype, parent=None)
+
+  def _init_blocks(self, rng):
+    dummy = jnp.zeros((1, 1, self.embed_dim), self.dtype)
+    init_one = lambda key: self.block().init(key, dummy)['params']
+    return jax.vmap(init_one)(jax.random.split(rng, self.depth))
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    p, c = self.patch_size, self.embed_dim
+    b, h, w, _ = images.shape
+    if h % p or w % p:
+      raise ValueError(f'image size {h}x{w} is not a multiple of the patch size {p}')
+    indices = sorted(set(int(i) % self.depth for i in self.out_indices))
+    grid = (h // p, w // p)
+    g = self.img_size // p
+
+    x = nn.Conv(c, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                param_dtype=self.param_dtype, name='patch_embed')(images.astype(self.dtype))
+    x = x.reshape(b, grid[0] * grid[1], c)
+    init = nn.initializers.truncated_normal(0.02)
+    cls_token = self.param('cls_token', init, (1, 1, c), self.param_dtype)
+    pos_embed = self.param('pos_embed', init, (1, 1 + g * g, c), self.param_dtype)
+    pos_embed = resize_pos_embed(pos_embed, grid)  # only when the input grid differs
+    x = jnp.concatenate([jnp.broadcast_to(cls_token, (b, 1, c)).astype(self.dtype), x], axis=1)
+    x = x + pos_embed.astype(self.dtype)
+
+    blocks = self.param('blocks', self._init_blocks)
+    stochastic = train and self.drop_path_rate > 0
+    rates = jnp.linspace(0.0, self.drop_path_rate, self.depth)
+    keys = jax.random.split(self.make_rng('dropout'), self.depth) if stochastic else None
+    block = self.block()
+
+    def body(x, i):
+      # The stacked params are closed over and indexed, so the scan never copies them.
+      layer = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), blocks)
+      if stochastic:
+        return block.apply({'params': layer}, x, rates[i], keys[i]), None
+      return block.apply({'params': layer}, x), None
+
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f'remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}')
+    if self.remat != 'none':
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+
+    features, start = {}, 0
+    for end in indices:
+      x, _ = jax.lax.scan(body, x, jnp.arange(start, end + 1))
+      features[end] = x[:, 1:].reshape(b, grid[0], grid[1], c)
+      start = end + 1
+    return [features[int(i) % self.depth] for i in self.out_indices]

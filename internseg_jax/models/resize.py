@@ -1,0 +1,98 @@
+"""Resizes with PyTorch `F.interpolate` semantics, as interpolation matrices.
+
+`jax.image.resize` differs from PyTorch: its bicubic kernel uses a = -0.5 and it
+antialiases when shrinking. The reference (PyTorch) uses a = -0.75, half-pixel
+centres (align_corners=False) and no antialiasing, so we build the separable
+interpolation matrices ourselves and apply them with einsum.
+"""
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+  """Keys' cubic convolution weights for taps at offsets -1, 0, 1, 2."""
+  def near(x):  # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+  def far(x):  # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) float64 matrix of PyTorch bicubic, align_corners=False, size=out."""
+  scale = in_size / out_size
+  # PyTorch does not clamp the cubic source coordinate; it clamps the tap indices.
+  src = (np.arange(out_size) + 0.5) * scale - 0.5
+  base = np.floor(src)
+  weights = _cubic_weights(src - base)
+  taps = np.clip(base[:, None].astype(np.int64) + np.arange(-1, 3), 0, in_size - 1)
+  matrix = np.zeros((out_size, in_size))
+  np.add.at(matrix, (np.repeat(np.arange(out_size), 4), taps.ravel()), weights.ravel())
+  return matrix
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+  """(out, in) float64 matrix of PyTorch bilinear, align_corners=False, size=out."""
+  scale = in_size / out_size
+  src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  frac = src - lo
+  matrix = np.zeros((out_size, in_size))
+  np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
+  np.add.at(matrix, (np.arange(out_size), hi), frac)
+  return matrix
+
+
+def _resize(x, size, matrix_fn, precision):
+  """Resizes axes 1 and 2 of a (B, H, W, C) array (numpy or jax) to `size`."""
+  out_h, out_w = size
+  in_h, in_w = x.shape[1], x.shape[2]
+  if (in_h, in_w) == (out_h, out_w):
+    return x
+  mh = matrix_fn(in_h, out_h)
+  mw = matrix_fn(in_w, out_w)
+  if isinstance(x, np.ndarray):
+    out = np.einsum('oh,bhwc->bowc', mh, x.astype(np.float64))
+    return np.einsum('pw,bowc->bopc', mw, out).astype(x.dtype)
+  dtype = x.dtype
+  xf = x.astype(jnp.float32)
+  out = jnp.einsum('oh,bhwc->bowc', jnp.asarray(mh, jnp.float32), xf, precision=precision)
+  out = jnp.einsum('pw,bowc->bopc', jnp.asarray(mw, jnp.float32), out, precision=precision)
+  return out.astype(dtype)
+
+
+def resize_bicubic(x, size, precision='highest'):
+  """PyTorch `interpolate(mode='bicubic', align_corners=False)` on NHWC input."""
+  return _resize(x, size, bicubic_matrix, precision)
+
+
+def resize_bilinear(x, size, precision='highest'):
+  """PyTorch `interpolate(mode='bilinear', align_corners=False)` on NHWC input."""
+  return _resize(x, size, bilinear_matrix, precision)
+
+
+def resize_pos_embed(pos_embed, grid):
+  """Resizes a (1, 1 + g*g, C) position embedding to (1, 1 + h*w, C).
+
+  The cls part is kept; the patch part is resized as an image (bicubic, PyTorch).
+  Works on numpy (float64 maths, result in the input dtype) and jax arrays.
+  """
+  h, w = grid
+  n = pos_embed.shape[1] - 1
+  g = int(round(n ** 0.5))
+  if g * g != n:
+    raise ValueError(f'pos_embed has {n} patch positions, not a square grid')
+  if (g, g) == (h, w):
+    return pos_embed
+  cls_part, patch_part = pos_embed[:, :1], pos_embed[:, 1:]
+  c = pos_embed.shape[-1]
+  patch = resize_bicubic(patch_part.reshape(1, g, g, c), (h, w)).reshape(1, h * w, c)
+  concat = np.concatenate if isinstance(pos_embed, np.ndarray) else jnp.concatenate
+  return concat([cls_part, patch], axis=1)
