@@ -9,7 +9,8 @@ torch.save in a separate process (generating it needs the whole file in memory,
 which must not count), then runs the converter CLI in a subprocess while a
 sampler thread reads /proc/PID/status every 50 ms (VmRSS, RssAnon, RssFile;
 VmHWM is the kernel's own high-water mark of VmRSS, so it catches peaks between
-samples). Prints a table; the converter should stay far below the file size.
+samples). The converter gets no config: it reads the architecture from the
+tensors. Prints a table; the converter should stay far below the file size.
 The generated file and the output are removed at the end unless --keep.
 """
 import argparse
@@ -145,14 +146,10 @@ def main():
       sys.exit(f'importing the converter failed:\n{log}')
 
     print('converting ...', flush=True)
+    # No config: the converter reads the architecture from the tensors (heads =
+    # width / 128, 25 for the 6B width) and keeps the file's own grid.
     rc, wall, peaks, log = run_sampled(
-        [sys.executable, '-m', 'convert.pth_to_orbax', f'--src={src}', f'--dst={dst}',
-         f'--config={os.path.join(ROOT, "configs/features.py")}',
-         f'--config.model.backbone.embed_dim={args.width}',
-         f'--config.model.backbone.num_heads={args.heads}',
-         f'--config.model.backbone.depth={args.depth}',
-         f'--config.model.backbone.pretrain_size={args.pretrain_size}',
-         f'--config.model.backbone.img_size={args.pretrain_size}'],
+        [sys.executable, '-m', 'convert.pth_to_orbax', f'--src={src}', f'--dst={dst}'],
         args.interval, env)
     if rc:
       sys.exit(f'conversion failed (exit {rc}):\n{log}')
@@ -172,7 +169,8 @@ def main():
         ('(peak - import) / file size', f'{(peaks["VmHWM"] - base["VmHWM"]) / size:.3f}'),
     ]
     width = max(len(k) for k, _ in rows)
-    print(f'\nconvert.pth_to_orbax, width {args.width}, depth {args.depth}, bf16')
+    what = args.src if args.src else f'width {args.width}, depth {args.depth}, bf16'
+    print(f'\nconvert.pth_to_orbax on {what}')
     for k, v in rows:
       print(f'  {k:<{width}}  {v}')
   finally:

@@ -61,12 +61,38 @@ def base_config(variant: str = '224') -> ml_collections.ConfigDict:
   c.variant = variant
   c.model = ml_collections.ConfigDict(dict(
       backbone=backbone_config(variant),
-      dtype='bfloat16',          # compute dtype; norms, softmax and the loss run in float32
+      decode_head=dict(
+          type='linear',         # 'linear' (BatchNorm + 1x1 conv) | 'uper' (UperNet)
+          channels=1536,         # UperNet width (unused by the linear head)
+          num_classes=150,
+          dropout=0.0,           # before conv_seg: 0 for the linear head, 0.1 for UperNet
+          pool_scales=(1, 2, 3, 6),
+          dtype='float32',       # the reference runs its heads in float32
+      ),
+      auxiliary_head=None,       # or dict(channels=1536, in_index=2, loss_weight=0.4)
+      dtype='bfloat16',          # backbone/neck compute; norms, softmax, heads, loss: float32
       param_dtype='float32',     # storage dtype of the parameters
   ))
   c.init = ml_collections.ConfigDict(dict(
       pretrained=config_dict.placeholder(str),   # converted backbone (convert.pth_to_orbax)
       checkpoint=config_dict.placeholder(str),   # converted or trained full model
+  ))
+  c.data = ml_collections.ConfigDict(dict(
+      root=config_dict.placeholder(str),  # ADEChallengeData2016 folder
+      num_classes=150,
+      reduce_zero_label=True,
+  ))
+  c.eval = ml_collections.ConfigDict(dict(
+      mode='slide', crop_size=504, stride=322,
+      scale=(2016, 504),         # mmseg img_scale (long, short)
+      resize='short_side',       # 'short_side' (short side -> 504) | 'fit' (within scale)
+      flip=False, scales=(1.0,), # test-time augmentation: flip and scale ratios
+      batch_size=2,              # windows per forward
+      limit=config_dict.placeholder(int),  # evaluate only the first N images
+  ))
+  c.predict = ml_collections.ConfigDict(dict(
+      input=config_dict.placeholder(str),  # an image or a folder of images
+      alpha=0.5,                 # overlay opacity
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.seed = 0

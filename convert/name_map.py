@@ -4,6 +4,7 @@ Each row: (our path, PyTorch key, transform). Block rows are relative to
 `blocks/` on our side (stacked over depth) and to `blocks.{i}.` on theirs.
 """
 import dataclasses
+import re
 from typing import Callable
 
 import numpy as np
@@ -55,3 +56,67 @@ def backbone_rows(depth: int, prefix: str = ''):
   for path, key, t in BACKBONE_BLOCK:
     for i in range(depth):
       yield 'blocks/' + path, f'{prefix}blocks.{i}.{key}', t, i
+
+
+# Released mmseg segmentors: the pyramid neck lives under `backbone.` in PyTorch.
+# ConvTranspose2d weight (in, out, kh, kw) -> our kernel (kh, kw, in, out).
+CONV_TRANSPOSE = Transform('conv_transpose', lambda w: w.transpose(2, 3, 0, 1),
+                           lambda s: (s[2], s[3], s[0], s[1]))
+
+NECK = (
+    ('params/neck/up1_0/kernel', 'backbone.up1.0.weight', CONV_TRANSPOSE),
+    ('params/neck/up1_0/bias', 'backbone.up1.0.bias', SAME),
+    ('params/neck/up1_1/scale', 'backbone.up1.1.weight', SAME),
+    ('params/neck/up1_1/bias', 'backbone.up1.1.bias', SAME),
+    ('params/neck/up1_3/kernel', 'backbone.up1.3.weight', CONV_TRANSPOSE),
+    ('params/neck/up1_3/bias', 'backbone.up1.3.bias', SAME),
+    ('params/neck/up2_0/kernel', 'backbone.up2.0.weight', CONV_TRANSPOSE),
+    ('params/neck/up2_0/bias', 'backbone.up2.0.bias', SAME),
+)
+
+# Head tensors: (torch leaf, our collection, our leaf, transform). A torch module
+# path such as `decode_head.psp_modules.2.1` becomes `decode_head/psp_modules_2`,
+# `decode_head.lateral_convs.0` becomes `decode_head/lateral_convs_0`.
+HEAD_LEAVES = (
+    ('conv.weight', 'params', 'conv/kernel', CONV),
+    ('bn.weight', 'params', 'bn/scale', SAME),
+    ('bn.bias', 'params', 'bn/bias', SAME),
+    ('bn.running_mean', 'batch_stats', 'bn/mean', SAME),
+    ('bn.running_var', 'batch_stats', 'bn/var', SAME),
+    ('norm.weight', 'params', 'norm/scale', SAME),
+    ('norm.bias', 'params', 'norm/bias', SAME),
+    ('norm.running_mean', 'batch_stats', 'norm/mean', SAME),
+    ('norm.running_var', 'batch_stats', 'norm/var', SAME),
+    ('conv_seg.weight', 'params', 'conv_seg/kernel', CONV),
+    ('conv_seg.bias', 'params', 'conv_seg/bias', SAME),
+)
+# BatchNorm step counters: accepted, not needed (our momentum is fixed).
+DROPPED_LEAVES = ('bn.num_batches_tracked', 'norm.num_batches_tracked')
+
+
+def head_path(key: str):
+  """A `decode_head.`/`auxiliary_head.` key -> (our path, transform), None for a
+  dropped counter; KeyError for a key the map does not know."""
+  head, _, rest = key.partition('.')
+  for leaf in DROPPED_LEAVES:
+    if rest == leaf or rest.endswith('.' + leaf):
+      return None
+  for leaf, collection, ours, transform in HEAD_LEAVES:
+    if rest == leaf or rest.endswith('.' + leaf):
+      module = rest[:-len(leaf)].rstrip('.')
+      module = re.sub(r'psp_modules\.(\d+)\.1$', r'psp_modules_\1', module)
+      module = re.sub(r'\.(\d+)', r'_\1', module).replace('.', '/')
+      return '/'.join(filter(None, (collection, head, module, ours))), transform
+  raise KeyError(key)
+
+
+def head_key(path: str) -> str:
+  """The inverse of `head_path`: our path -> the mmseg key (for messages)."""
+  collection, head, *rest = path.split('/')
+  for leaf, coll, ours, _ in HEAD_LEAVES:
+    if coll == collection and '/'.join(rest).endswith(ours):
+      module = '/'.join(rest)[:-len(ours)].rstrip('/')
+      module = re.sub(r'psp_modules_(\d+)', r'psp_modules.\1.1', module)
+      module = re.sub(r'_(\d+)', r'.\1', module).replace('/', '.')
+      return '.'.join(filter(None, (head, module, leaf)))
+  return path

@@ -9,7 +9,7 @@ config (default: width/128 heads, no resize). Loading is `weights_only` and
 memory-mapped, and tensors are written one block slice at a time, so peak memory
 stays far below the file size. The output appears only when complete:
 
-  DST/params/    Orbax PyTree checkpoint: {'backbone': {...}}
+  DST/params/    Orbax PyTree checkpoint of the variables: {'params': {'backbone': ...}}
   DST/info.json  source path and SHA-256, detected variant and architecture
 """
 import datetime
@@ -23,7 +23,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 from configs.common import VARIANTS
-from convert import name_map, torch_io
+from convert import name_map, segmentor, torch_io
 from convert.torch_io import ConversionError
 from internseg_jax import checkpoint
 from internseg_jax.models.intern_vit import InternViT
@@ -59,8 +59,14 @@ def detect_backbone(sd, prefix: str = '') -> dict:
       qk_normalization=prefix + first + 'attn.q_norm.weight' in sd)
 
 
-def variant_name(arch: dict, src: str) -> str:
-  """'224' / '448_v1_5' etc. by file name, else by shape ('448' for depth 45)."""
+def variant_name(arch: dict, src: str, segmentor: bool = False) -> str:
+  """'224' / '448_v1_5' etc. by file name, else by shape ('448' for depth 45).
+  A segmentor's grid is its crop grid, so only its depth tells the variant."""
+  if segmentor:
+    names = {d: n for n, (d, _, _) in VARIANTS.items() if n in ('224', '448_v1_0')}
+    name = names.get(arch['depth']) if arch['embed_dim'] == 3200 else None
+    return {'224': '224', '448_v1_0': '448 (v1_0, v1_2, v1_5 or v2_5)'}.get(
+        name, f"custom (width {arch['embed_dim']}, depth {arch['depth']})")
   for name, (depth, size, filename) in VARIANTS.items():
     if os.path.basename(src) == filename and (depth, size) == (arch['depth'], arch['pretrain_size']):
       return name
@@ -70,9 +76,9 @@ def variant_name(arch: dict, src: str) -> str:
   return f"custom (width {arch['embed_dim']}, depth {arch['depth']})"
 
 
-def check_against_config(arch: dict, bb) -> None:
+def check_against_config(arch: dict, bb, skip=()) -> None:
   wrong = [f'{k}: file has {arch[k]}, config says {bb[k]}' for k in ARCH_KEYS
-           if k in bb and (arch[k] != bb[k] if not isinstance(arch[k], float)
+           if k in bb and k not in skip and (arch[k] != bb[k] if not isinstance(arch[k], float)
                            else abs(arch[k] - bb[k]) > 1e-9)]
   if wrong:
     raise ConversionError('the file does not match the config:\n  ' + '\n  '.join(wrong))
@@ -126,7 +132,11 @@ def backbone_tree(sd, arch: dict, num_heads: int, img_size: int, mapped: bool,
   flat = {}
   for path, key, transform in name_map.BACKBONE_TOP:
     value = np.array(transform.apply(torch_io.to_numpy(sd[prefix + key])))
-    flat[path] = resize_pos_embed(value, (grid, grid)) if path == 'pos_embed' else value
+    if path == 'pos_embed' and value.shape[1] != 1 + grid * grid:
+      # Resized values are not bf16-representable: keep them in float32, as the
+      # reference (which resizes in float32 at run time) sees them.
+      value = resize_pos_embed(value.astype(np.float32), (grid, grid))
+    flat[path] = value
   for path, key, transform in name_map.BACKBONE_BLOCK:
     if 'blocks/' + path not in expected:
       continue
@@ -160,8 +170,43 @@ def materialize(tree):
       tree, is_leaf=lambda x: isinstance(x, checkpoint.LazyStack))
 
 
+def build_variables(sd, config=None, mapped: bool = False):
+  """A state dict (pretrained backbone or mmseg segmentor) -> (our variables tree
+  with LazyStack block params, a description of what was found)."""
+  kind = 'segmentor' if segmentor.is_segmentor(sd) else 'backbone'
+  prefix = 'backbone.' if kind == 'segmentor' else ''
+  backbone_sd = segmentor.backbone_part(sd) if kind == 'segmentor' else sd
+  arch = detect_backbone(backbone_sd, prefix)
+  bb = config.model.backbone if config is not None else None
+  if bb is not None:  # a segmentor's pos_embed is at the crop grid, not the pretrain one
+    check_against_config(arch, bb, skip=('pretrain_size',) if kind == 'segmentor' else ())
+  num_heads = bb.num_heads if bb is not None else max(1, arch['embed_dim'] // 128)
+  img_size = bb.img_size if bb is not None else arch['pretrain_size']
+  if img_size % arch['patch_size']:
+    raise ConversionError(f'img_size {img_size} is not a multiple of the patch size')
+  tree = {'params': {'backbone': backbone_tree(backbone_sd, arch, num_heads, img_size, mapped,
+                                               prefix)}}
+  found = dict(kind=kind, backbone=dict(arch, num_heads=num_heads, img_size=img_size))
+  if kind == 'segmentor':
+    heads = segmentor.detect_heads(sd)
+    model = segmentor.model_config(arch, heads, num_heads, img_size, config)
+    for path, value in segmentor.heads_variables(sd, model).items():
+      node = tree
+      *parents, leaf = path.split('/')
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = value
+    found['heads'] = heads
+  return tree, found
+
+
+def state_dict_to_variables(sd, config=None):
+  """An in-memory state dict -> our variables as numpy (tests, small models)."""
+  return materialize(build_variables(sd, config)[0])
+
+
 def state_dict_to_params(sd, num_heads: int | None = None, img_size: int | None = None):
-  """An in-memory state dict -> our {'backbone': ...} numpy tree (tests, small models)."""
+  """An in-memory backbone state dict -> our {'backbone': ...} numpy tree."""
   arch = detect_backbone(sd)
   num_heads = num_heads or max(1, arch['embed_dim'] // 128)
   tree = backbone_tree(sd, arch, num_heads, img_size or arch['pretrain_size'], mapped=False)
@@ -172,26 +217,15 @@ def convert(src: str, dst: str, config=None) -> dict:
   """Converts `src` into the folder `dst`; returns the info written next to it."""
   if os.path.exists(dst):
     raise ConversionError(f'{dst} already exists; remove it or choose another --dst')
+  if not os.path.isfile(src):
+    raise ConversionError(f'{src}: no such file')
   digest = torch_io.sha256(src)
   sd, wrapper, mapped = torch_io.load_state_dict(src)
-  if wrapper == 'state_dict' or any(k.startswith('backbone.') for k in sd):
-    raise ConversionError(
-        f'{src} looks like an mmseg segmentation checkpoint (backbone./decode_head. keys); '
-        'converting released segmentors is not supported yet, only pretrained backbones')
-  arch = detect_backbone(sd)
-  bb = config.model.backbone if config is not None else None
-  if bb is not None:
-    check_against_config(arch, bb)
-  num_heads = bb.num_heads if bb is not None else max(1, arch['embed_dim'] // 128)
-  img_size = bb.img_size if bb is not None else arch['pretrain_size']
-  if img_size % arch['patch_size']:
-    raise ConversionError(f'img_size {img_size} is not a multiple of the patch size')
-  tree = {'backbone': backbone_tree(sd, arch, num_heads, img_size, mapped)}
-  info = dict(
-      kind='backbone', source=os.path.abspath(src), sha256=digest, wrapper=wrapper,
-      variant=variant_name(arch, src), converted_at=datetime.datetime.now().isoformat(),
-      backbone=dict(arch, num_heads=num_heads, img_size=img_size))
-  logging.info('converting %s (%s) -> %s', src, info['variant'], dst)
+  tree, found = build_variables(sd, config, mapped)
+  info = dict(found, source=os.path.abspath(src), sha256=digest, wrapper=wrapper,
+              variant=variant_name(found['backbone'], src, found['kind'] == 'segmentor'),
+              converted_at=datetime.datetime.now().isoformat())
+  logging.info('converting %s (%s %s) -> %s', src, info['variant'], info['kind'], dst)
   checkpoint.save_params(dst, tree, info, progress=tqdm)
   return info
 
@@ -209,7 +243,7 @@ def main(argv):
     info = convert(FLAGS.src, FLAGS.dst, FLAGS.config)
   except ConversionError as e:
     raise app.UsageError(str(e)) from None
-  print(f"wrote {FLAGS.dst}: {info['variant']}, "
+  print(f"wrote {FLAGS.dst}: {info['variant']} {info['kind']}, "
         f"{info['backbone']['depth']} blocks, width {info['backbone']['embed_dim']}, "
         f"img_size {info['backbone']['img_size']}")
 

@@ -48,8 +48,9 @@ def load_state_dict(path):
     raise ConversionError(
         f'{path}: refused to load: the file is not a plain tensor checkpoint '
         f'(weights_only loading rejected it, it may try to run code).\n{e}') from None
-  except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
-    raise ConversionError(f'{path}: not a readable PyTorch checkpoint ({e})') from None
+  except Exception as e:  # a corrupt or foreign file fails in many ways (IndexError, ...)
+    raise ConversionError(
+        f'{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})') from None
   wrapper = None
   for key in ('module', 'state_dict'):
     if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -1,7 +1,9 @@
 """Python API (DESIGN.md Part C2): build a model, load weights, run it.
 
-  model = init_model('configs/features.py:224', 'converted/intern_vit_6b_224px')
-  feats = extract_features(model, images)   # list of (B, H/14, W/14, C)
+  model = init_model('configs/upernet_full.py:224', 'converted/upernet_full')
+  labels = inference_model(model, image_uint8_rgb)          # (H, W) int32
+  feats = extract_features(model, images)                   # [(B, H/14, W/14, C)]
+  logits = compute_logits(model, images)                    # (B, H, W, K)
 """
 import dataclasses
 import functools
@@ -17,9 +19,12 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from internseg_jax import checkpoint, sharding
-from internseg_jax.models.build import build_backbone
-from internseg_jax.models.intern_vit import InternViT
+from internseg_jax.models.build import build_backbone, build_segmentor, module_inits
 from internseg_jax.models.resize import resize_pos_embed
+from internseg_jax.models.segmentor import Segmentor, upsample_logits
+
+__all__ = ['Model', 'load_config', 'init_model', 'extract_features', 'compute_logits',
+           'inference_model', 'build_backbone']
 
 
 def load_config(config) -> ml_collections.ConfigDict:
@@ -37,51 +42,94 @@ def load_config(config) -> ml_collections.ConfigDict:
 
 @dataclasses.dataclass(eq=False)
 class Model:
-  """A built model: its config, Flax module, parameters ({'backbone': ...}) and mesh."""
+  """A built model: config, Flax segmentor, variables ({'params', 'batch_stats'}) and mesh."""
   config: ml_collections.ConfigDict
-  backbone: InternViT
-  params: Any
+  module: Segmentor
+  variables: Any
   mesh: Mesh
 
+  @property
+  def params(self):
+    return self.variables['params']
+
   @functools.cached_property
-  def _features_fn(self):
-    def features(params, images):
-      feats = self.backbone.apply({'params': params['backbone']}, images)
+  def features_fn(self):
+    def features(variables, images):
+      feats = self.module.apply(variables, images, method='backbone_features')
       return [f.astype(jnp.float32) for f in feats]
     return jax.jit(features)
 
+  @functools.cached_property
+  def logits_fn(self):
+    """Normalized images -> decode-head logits upsampled to the input size."""
+    def logits(variables, images):
+      out = self.module.apply(variables, images)['logits']
+      return upsample_logits(out, images.shape[1:3])
+    return jax.jit(logits)
 
-def _init_fn(backbone: InternViT):
-  p = backbone.patch_size  # a 1x1-patch input: init needs the shapes, not a real forward
-  return lambda rng: {'backbone': backbone.init(rng, jnp.zeros((1, p, p, 3)))['params']}
+
+def _merge(parts: dict) -> dict:
+  """{module: {collection: tree}} -> {collection: {module: tree}}."""
+  out = {}
+  for name, variables in parts.items():
+    for collection, tree in variables.items():
+      out.setdefault(collection, {})[name] = tree
+  return out
 
 
-def abstract_params(backbone: InternViT, mesh: Mesh):
-  """Parameter shapes and dtypes with their shardings, computed without any data."""
-  shapes = jax.eval_shape(_init_fn(backbone), jax.random.key(0))
+def abstract_variables(module: Segmentor, mesh: Mesh, only=None):
+  """Shapes, dtypes and shardings of the variables, computed without any data."""
+  inits = {k: f for k, f in module_inits(module).items() if only is None or k in only}
+  shapes = _merge({k: jax.eval_shape(f, jax.random.key(0)) for k, f in inits.items()})
   shardings = sharding.param_shardings(shapes, mesh)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                       shapes, shardings)
 
 
-def random_params(backbone: InternViT, mesh: Mesh, seed: int = 0):
-  """Random parameters created directly in their shards (no host copy)."""
-  target = abstract_params(backbone, mesh)
+def random_variables(module: Segmentor, mesh: Mesh, seed: int = 0, only=None):
+  """Random variables created directly in their shards (no host copy)."""
+  inits = {k: f for k, f in module_inits(module).items() if only is None or k in only}
+  target = abstract_variables(module, mesh, only)
   out_shardings = jax.tree.map(lambda t: t.sharding, target)
-  return jax.jit(_init_fn(backbone), out_shardings=out_shardings)(jax.random.key(seed))
+
+  def init(rng):
+    keys = jax.random.split(rng, len(inits))
+    return _merge({k: f(key) for (k, f), key in zip(sorted(inits.items()), keys)})
+  return jax.jit(init, out_shardings=out_shardings)(jax.random.key(seed))
 
 
 def _flat(tree):
   return {sharding.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def load_params(path, target):
-  """Restores a checkpoint into the sharded `target` tree, strictly: missing,
-  unexpected or mis-shaped parameters are an error. A position embedding stored
-  at another grid is resized (PyTorch bicubic) to the target's."""
+def _unflat(flat):
+  tree = {}
+  for name, value in flat.items():
+    node = tree
+    *parents, leaf = name.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def _module_of(name):
+  return name.split('/')[1]
+
+
+def load_variables(path, target, required=('backbone',)):
+  """Restores a checkpoint into the sharded `target` tree. Every top-level
+  module present in the checkpoint must match exactly (missing, unexpected or
+  mis-shaped entries are an error), except that a position embedding of another
+  grid is resized (PyTorch bicubic). Modules absent from the checkpoint are
+  returned as missing (an error if listed in `required`).
+  Returns (flat dict of restored arrays, sorted missing module names)."""
   params_dir = checkpoint.find_params_dir(path)
   stored, wanted = _flat(checkpoint.params_metadata(params_dir)), _flat(target)
-  missing = sorted(set(wanted) - set(stored))
+  present = {_module_of(k) for k in stored}
+  missing_modules = sorted({_module_of(k) for k in wanted} - present)
+  missing = sorted(k for k in set(wanted) - set(stored) if _module_of(k) in present)
+  missing += [f'{m} (the whole module)' for m in missing_modules if m in required]
   unexpected = sorted(set(stored) - set(wanted))
   resized = [k for k in stored if k in wanted and k.endswith('pos_embed')
              and stored[k].shape != wanted[k].shape and stored[k].shape[-1] == wanted[k].shape[-1]]
@@ -92,55 +140,49 @@ def load_params(path, target):
              + [f'wrong shape: {w}' for w in wrong])
     raise ValueError(f'checkpoint {params_dir} does not fit the model:\n  ' + '\n  '.join(lines))
 
-  def restore_target(path, t):
-    name = sharding.path_name(path)
+  def restore_target(name):
+    t = wanted[name]
     if name in resized:  # read at its stored grid, replicated; resized below
       return jax.ShapeDtypeStruct(stored[name].shape, t.dtype,
                                   sharding=NamedSharding(t.sharding.mesh, P()))
     return t
 
-  params = checkpoint.restore_params(
-      params_dir, jax.tree_util.tree_map_with_path(restore_target, target))
+  restored = _flat(checkpoint.restore_params(
+      params_dir, _unflat({k: restore_target(k) for k in stored})))
   for name in resized:
     logging.info('resizing %s from %s to %s', name, stored[name].shape, wanted[name].shape)
     n = wanted[name].shape[1] - 1
     grid = (int(round(n ** 0.5)),) * 2
-    params = _replace(params, name, jax.jit(
-        lambda x: resize_pos_embed(x, grid), out_shardings=wanted[name].sharding)(
-            _get(params, name)))
-  return params
-
-
-def _get(tree, name):
-  for k in name.split('/'):
-    tree = tree[k]
-  return tree
-
-
-def _replace(tree, name, value):
-  head, _, rest = name.partition('/')
-  return {**tree, head: _replace(tree[head], rest, value) if rest else value}
+    restored[name] = jax.jit(lambda x: resize_pos_embed(x, grid),
+                             out_shardings=wanted[name].sharding)(restored[name])
+  return restored, missing_modules
 
 
 def init_model(config, checkpoint=None, mesh: Mesh | None = None) -> Model:
-  """Builds the model of `config` with parameters from `checkpoint` (a converter
+  """Builds the model of `config` with variables from `checkpoint` (a converter
   output, a training workdir or one checkpoint folder), else from
-  `config.init.checkpoint`, else randomly initialised."""
+  `config.init.checkpoint` / `config.init.pretrained`, else random. Heads (and
+  the neck) missing from a backbone-only checkpoint are initialised randomly."""
   config = load_config(config)
   mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  backbone = build_backbone(config.model)
+  module = build_segmentor(config.model)
   checkpoint = checkpoint or config.init.get('checkpoint') or config.init.get('pretrained')
-  if checkpoint:
-    params = load_params(checkpoint, abstract_params(backbone, mesh))
-  else:
+  seed = config.get('seed', 0)
+  if not checkpoint:
     logging.info('no checkpoint given: random parameters')
-    params = random_params(backbone, mesh, config.get('seed', 0))
-  return Model(config, backbone, params, mesh)
+    return Model(config, module, random_variables(module, mesh, seed), mesh)
+  restored, missing = load_variables(checkpoint, abstract_variables(module, mesh))
+  if missing:
+    logging.warning('%s not in %s: randomly initialised', ', '.join(missing), checkpoint)
+    restored.update(_flat(random_variables(module, mesh, seed, only=missing)))
+  return Model(config, module, _unflat(restored), mesh)
 
 
 def _put_batch(model: Model, images):
   """Puts a batch on the mesh: split over (data, fsdp) when it divides evenly."""
   images = jnp.asarray(images, jnp.float32)
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ValueError(f'images must be (B, H, W, 3), got {images.shape}')
   n = model.mesh.shape['data'] * model.mesh.shape['fsdp']
   spec = sharding.batch_sharding(model.mesh) if images.shape[0] % n == 0 else \
       NamedSharding(model.mesh, P())
@@ -150,7 +192,21 @@ def _put_batch(model: Model, images):
 def extract_features(model: Model, images) -> list:
   """Normalized (B, H, W, 3) float32 images -> the backbone outputs at
   `out_indices`, each (B, H/14, W/14, C) float32, before any neck."""
-  images = np.asarray(images) if not isinstance(images, jax.Array) else images
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f'images must be (B, H, W, 3), got {images.shape}')
-  return model._features_fn(model.params, _put_batch(model, images))
+  return model.features_fn(model.variables, _put_batch(model, images))
+
+
+def compute_logits(model: Model, images) -> jax.Array:
+  """Normalized (B, H, W, 3) float32 images -> (B, H, W, num_classes) float32
+  logits of the whole image, upsampled to the input size, before argmax."""
+  return model.logits_fn(model.variables, _put_batch(model, images))
+
+
+def inference_model(model: Model, image, return_logits: bool = False):
+  """One (H, W, 3) uint8 RGB image through the config's test pipeline (resize,
+  slide or whole, optional flip / multi-scale) -> (H, W) int32 labels at the
+  original size, plus (H, W, num_classes) float32 logits when asked (with
+  several test-time augmentations: the mean of their softmax probabilities)."""
+  from internseg_jax import evaluate  # evaluate imports this module's Model
+  logits = evaluate.predict_logits(model, image)
+  labels = np.argmax(logits, axis=-1).astype(np.int32)
+  return (labels, logits) if return_logits else labels

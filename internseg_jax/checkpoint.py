@@ -6,9 +6,12 @@ parameter tree) and optionally `info.json`. It may also be a training workdir,
 whose newest `checkpoints/<step>/` is used.
 """
 import asyncio
+import ctypes
 import json
 import os
 import re
+import shutil
+import time
 from typing import Any, Callable
 
 from absl import logging
@@ -49,9 +52,29 @@ class LazyStack:
 # Bytes of LazyStack slices being written at once, over all stacks of a save.
 # Each slice in flight costs about three times its size (the mapped source pages,
 # TensorStore's copy and the compressed chunk), so this bounds the writer's
-# memory; more than one slice of the 6B model (qkv 61 MB, fc1/fc2 82 MB in bf16)
-# fits, so compression still runs on several cores.
-MAX_BYTES_IN_FLIGHT = 1
+# memory whatever the number of stacks or the depth. 96 MiB holds the largest
+# slice of the 6B model (fc1/fc2, 82 MB in bf16) or qkv and proj together.
+MAX_BYTES_IN_FLIGHT = 96 << 20
+
+
+_malloc_trim = None
+
+
+def _trim_heap() -> None:
+  """Returns freed heap memory to the OS (glibc only; a no-op elsewhere).
+
+  TensorStore copies and compresses each slice on its own threads; glibc keeps
+  what those threads free in per-thread arenas, so without this the resident
+  memory creeps up by several slice sizes over a long save.
+  """
+  global _malloc_trim
+  if _malloc_trim is None:
+    try:
+      _malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+      _malloc_trim = False
+  if _malloc_trim:
+    _malloc_trim(0)
 
 
 class _ByteBudget:
@@ -60,6 +83,7 @@ class _ByteBudget:
 
   def __init__(self, limit: int):
     self.limit, self.used = limit, 0
+    self.failed = False  # set by the first writer that fails
     self.cond = asyncio.Condition()
 
   async def acquire(self, n: int):
@@ -97,7 +121,13 @@ class LazyStackHandler(type_handlers.NumpyHandler):
           process_index=ocdbt_utils.get_process_index_for_subdir(
               use_ocdbt=info.is_ocdbt_checkpoint))
       writes.append(self._write_slices(value, spec.json, info.ts_context, budget))
-    await asyncio.gather(*writes)
+    # On a failure the other stacks start no new slice, but the slices already
+    # being written are awaited (cancelling would leave TensorStore writing into
+    # the folder after the error surfaced), so the caller can remove the folder.
+    results = await asyncio.gather(*writes, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+      raise errors[0]
 
   async def _write_slices(self, value: LazyStack, tspec, context, budget: _ByteBudget):
     store = await ts.open(ts.Spec(tspec), create=True, open=True, context=context)
@@ -105,6 +135,8 @@ class LazyStackHandler(type_handlers.NumpyHandler):
     for i in range(value.shape[0]):
       await budget.acquire(nbytes)
       try:
+        if budget.failed:
+          return
         piece = np.asarray(value.get_slice(i), dtype=value.dtype)
         if piece.shape != value.shape[1:]:
           raise ValueError(f'slice {i} has shape {piece.shape}, expected {value.shape[1:]}')
@@ -112,8 +144,12 @@ class LazyStackHandler(type_handlers.NumpyHandler):
         del piece
         if value.on_written is not None:
           value.on_written(i)
+      except BaseException:
+        budget.failed = True
+        raise
       finally:
         await budget.release(nbytes)
+      _trim_heap()
       if value.progress is not None:
         value.progress.update(1)
 
@@ -136,6 +172,21 @@ def _is_leaf(x):
   return isinstance(x, LazyStack)
 
 
+def _remove_settled(path, settle_s: float = 0.25, timeout_s: float = 30.0) -> None:
+  """Removes a folder that writes Orbax abandoned on an error may still be
+  touching (TensorStore finishes them on its own threads): removes it again
+  until it has stayed gone for `settle_s`."""
+  deadline = time.monotonic() + timeout_s
+  while True:
+    shutil.rmtree(os.fspath(path), ignore_errors=True)
+    time.sleep(settle_s)
+    if not os.path.exists(path):
+      return
+    if time.monotonic() > deadline:
+      logging.warning('could not remove the unfinished checkpoint %s', path)
+      return
+
+
 def save_params(directory, params, info: dict | None = None, progress=None) -> None:
   """Writes `directory/params` (and `directory/info.json`) atomically.
 
@@ -156,12 +207,19 @@ def save_params(directory, params, info: dict | None = None, progress=None) -> N
       if progress is not None and stacks else None
   for x in stacks:
     x.progress = bar
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-    ckptr.save(tmp / PARAMS, args=ocp.args.PyTreeSave(params))
-  if bar is not None:
-    bar.close()
-  if info is not None:
-    (tmp / INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+  try:
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
+      ckptr.save(tmp / PARAMS, args=ocp.args.PyTreeSave(params))
+    if info is not None:
+      (tmp / INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
+  except BaseException:  # a failed save leaves nothing behind (a killed one: only tmp)
+    _remove_settled(tmp)
+    raise
+  finally:
+    if bar is not None:
+      bar.close()
+  if directory.exists():  # rename() would silently replace an empty folder
+    raise FileExistsError(f'{directory} appeared while writing; the output is in {tmp}')
   tmp.rename(directory)
 
 

@@ -74,8 +74,27 @@ def resize_bicubic(x, size, precision='highest'):
 
 
 def resize_bilinear(x, size, precision='highest'):
-  """PyTorch `interpolate(mode='bilinear', align_corners=False)` on NHWC input."""
+  """PyTorch `interpolate(mode='bilinear', align_corners=False)` on NHWC input.
+
+  numpy input is resized on the host by two-tap gathers in its own dtype (fast
+  for large logit maps); jax input by interpolation matrices on the device.
+  """
+  if isinstance(x, np.ndarray):
+    return _bilinear_gather(_bilinear_gather(x, size[0], 1), size[1], 2)
   return _resize(x, size, bilinear_matrix, precision)
+
+
+def _bilinear_gather(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:
+  in_size = x.shape[axis]
+  if in_size == out_size:
+    return x
+  src = np.maximum((np.arange(out_size) + 0.5) * (in_size / out_size) - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+  hi = np.minimum(lo + 1, in_size - 1)
+  shape = [1] * x.ndim
+  shape[axis] = out_size
+  frac = (src - lo).astype(x.dtype if x.dtype.kind == 'f' else np.float64).reshape(shape)
+  return np.take(x, lo, axis) * (1 - frac) + np.take(x, hi, axis) * frac
 
 
 def resize_pos_embed(pos_embed, grid):

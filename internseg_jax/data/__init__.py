@@ -1,0 +1,1 @@
+"""Data: ADE20K metadata, sources and transforms."""
