@@ -52,7 +52,37 @@ def tiny_backbone(config: ml_collections.ConfigDict) -> None:
   """Shrinks the backbone for CPU runs and tests (runlocal-style)."""
   bb = config.model.backbone
   bb.embed_dim, bb.num_heads, bb.depth = 64, 2, 4
-  bb.out_indices = [min(i, bb.depth - 1) for i in bb.out_indices]
+  bb.out_indices = [0, 1, 2, 3] if bb.with_fpn else [bb.depth - 1]
+
+
+def tiny_model(config: ml_collections.ConfigDict, crop: int = 56) -> None:
+  """A few-minute CPU version of an experiment: tiny backbone and heads, small
+  crops and sliding windows."""
+  tiny_backbone(config)
+  config.model.backbone.img_size = crop
+  config.model.decode_head.channels = 32
+  if config.model.auxiliary_head is not None:
+    config.model.auxiliary_head.channels = 32
+  config.model.dtype = 'float32'
+  config.eval.crop_size, config.eval.stride = crop, (crop * 2) // 3
+  config.eval.scale = (4 * crop, crop)
+
+
+def out_indices(depth: int, kind: str) -> list[int]:
+  """The blocks a head reads: UperNet quartiles ([11, 23, 35, 47] for 48
+  blocks), the linear probe four blocks before the end ([44]), or the last."""
+  if kind == 'uper':
+    return [depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1, depth - 1]
+  return [depth - 4] if kind == 'linear_probe' else [depth - 1]
+
+
+def upernet(config: ml_collections.ConfigDict, aux_in_index: int) -> None:
+  """UperNet head (1536 channels) on the pyramid neck, with the FCN auxiliary head."""
+  bb = config.model.backbone
+  bb.with_fpn, bb.out_indices = True, out_indices(bb.depth, 'uper')
+  config.model.decode_head.update(dict(type='uper', channels=1536, dropout=0.1))
+  config.model.auxiliary_head = ml_collections.ConfigDict(
+      dict(channels=1536, in_index=aux_in_index, loss_weight=0.4, dropout=0.1))
 
 
 def base_config(variant: str = '224') -> ml_collections.ConfigDict:

@@ -19,5 +19,6 @@ def get_config(arg=None):
   config.model.backbone.img_size = args.img_size
   if args.tiny:
     common.tiny_backbone(config)
+    config.model.backbone.img_size = args.img_size
   config.lock()  # a misspelt key is an error, here and in --config.KEY=VALUE overrides
   return config

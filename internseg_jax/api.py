@@ -57,7 +57,7 @@ class Model:
     def features(variables, images):
       feats = self.module.apply(variables, images, method='backbone_features')
       return [f.astype(jnp.float32) for f in feats]
-    return jax.jit(features)
+    return jax.jit(features, out_shardings=self.replicated)
 
   @functools.cached_property
   def logits_fn(self):
@@ -65,7 +65,12 @@ class Model:
     def logits(variables, images):
       out = self.module.apply(variables, images)['logits']
       return upsample_logits(out, images.shape[1:3])
-    return jax.jit(logits)
+    return jax.jit(logits, out_shardings=self.replicated)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    """Outputs are gathered to every device, so every process can read them."""
+    return NamedSharding(self.mesh, P())
 
 
 def _merge(parts: dict) -> dict:
@@ -179,14 +184,16 @@ def init_model(config, checkpoint=None, mesh: Mesh | None = None) -> Model:
 
 
 def _put_batch(model: Model, images):
-  """Puts a batch on the mesh: split over (data, fsdp) when it divides evenly."""
-  images = jnp.asarray(images, jnp.float32)
+  """Puts a batch (the same on every process) on the mesh: split over
+  (data, fsdp) when it divides evenly, else replicated."""
+  if isinstance(images, jax.Array):
+    images = np.asarray(jax.device_get(images))
+  images = np.asarray(images, np.float32)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'images must be (B, H, W, 3), got {images.shape}')
   n = model.mesh.shape['data'] * model.mesh.shape['fsdp']
-  spec = sharding.batch_sharding(model.mesh) if images.shape[0] % n == 0 else \
-      NamedSharding(model.mesh, P())
-  return jax.device_put(images, spec)
+  spec = sharding.batch_sharding(model.mesh) if images.shape[0] % n == 0 else model.replicated
+  return jax.make_array_from_callback(images.shape, spec, lambda index: images[index])
 
 
 def extract_features(model: Model, images) -> list:
