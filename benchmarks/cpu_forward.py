@@ -1,6 +1,6 @@
 r"""CPU: JAX InternViT forward vs the PyTorch reference, same config and inputs.
 
-  python benchmarks/cpu_forward.py [--width 384 --depth 6 --size 224 --batch 4 --repeats 10]
+  python benchmarks/cpu_forward.py [--width 384 --depth 6 --size 224 --batch 4 --repeats 30]
 
 Both run float32 on all cores; weights are converted from the reference so the
 outputs are checked to agree before timing. Prints median times and the ratio.
@@ -22,14 +22,18 @@ from internseg_jax.models.intern_vit import InternViT  # noqa: E402
 from tests.reference.intern_vit_torch import InternViTTorch, randomize_  # noqa: E402
 
 
-def median_time(fn, repeats):
-  fn()  # warm-up (and compile)
-  times = []
+def interleaved_medians(fns, repeats):
+  """Median time of each function, run in turns so that both see the same
+  machine load (2-core machines are noisy)."""
+  for fn in fns:
+    fn(); fn()  # warm-up (and compile)
+  times = [[] for _ in fns]
   for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+    for fn, out in zip(fns, times):
+      start = time.perf_counter()
+      fn()
+      out.append(time.perf_counter() - start)
+  return [float(np.median(t)) for t in times]
 
 
 def main():
@@ -39,7 +43,7 @@ def main():
   parser.add_argument('--heads', type=int, default=6)
   parser.add_argument('--size', type=int, default=224)
   parser.add_argument('--batch', type=int, default=4)
-  parser.add_argument('--repeats', type=int, default=10)
+  parser.add_argument('--repeats', type=int, default=30)
   args = parser.parse_args()
 
   torch.set_num_threads(os.cpu_count())
@@ -63,8 +67,7 @@ def main():
 
   got, want = np.asarray(run_jax()), run_torch().permute(0, 2, 3, 1).numpy()
   err = np.linalg.norm(got - want) / np.linalg.norm(want)
-  t_jax = median_time(run_jax, args.repeats)
-  t_torch = median_time(run_torch, args.repeats)
+  t_jax, t_torch = interleaved_medians([run_jax, run_torch], args.repeats)
   print(f'config: width {args.width}, depth {args.depth}, heads {args.heads}, '
         f'{args.size}px, batch {args.batch}, float32, {os.cpu_count()} cores')
   print(f'jax {jax.__version__} / torch {torch.__version__}; outputs agree: rel L2 {err:.2e}')
