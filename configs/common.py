@@ -108,9 +108,24 @@ def base_config(variant: str = '224') -> ml_collections.ConfigDict:
       checkpoint=config_dict.placeholder(str),   # converted or trained full model
   ))
   c.data = ml_collections.ConfigDict(dict(
-      root=config_dict.placeholder(str),  # ADEChallengeData2016 folder
+      root=config_dict.placeholder(str),  # ADEChallengeData2016 folder (or prepared ArrayRecords)
+      source='folder',           # 'folder' | 'array_record' (python -m internseg_jax.data.prepare)
       num_classes=150,
       reduce_zero_label=True,
+      fraction=1,                # few-shot: train on a seeded 1/fraction subset
+      subset_seed=0,
+      # Training pipeline (mmseg): keep-ratio resize of (2016, 504) * U(0.5, 2),
+      # random crop (cat_max_ratio), flip, photometric distortion, normalize, pad.
+      crop_size=504,
+      scale=(2016, 504),
+      ratio_range=(0.5, 2.0),
+      cat_max_ratio=0.75,
+      flip_prob=0.5,
+      photometric=True,
+      num_workers=2,             # grain worker processes (0: in the main process)
+      prefetch=4,                # batches buffered per worker
+      skip_bad=False,            # skip (and count) unreadable or invalid records instead of failing
+      synthetic=None,            # demo: dict(num_train, num_val, size_range, seed) generated into DIR/data
   ))
   c.eval = ml_collections.ConfigDict(dict(
       mode='slide', crop_size=504, stride=322,
@@ -123,6 +138,18 @@ def base_config(variant: str = '224') -> ml_collections.ConfigDict:
   c.predict = ml_collections.ConfigDict(dict(
       input=config_dict.placeholder(str),  # an image or a folder of images
       alpha=0.5,                 # overlay opacity
+      after_train=0,             # after training, overlays of this many val images
+  ))
+  c.train = ml_collections.ConfigDict(dict(
+      batch_size=16,             # global (8 GPUs x 2 in the reference)
+      steps=80000,
+      lr=4e-5, warmup_steps=1500, warmup_ratio=1e-6,   # poly (power 1) + linear warmup
+      weight_decay=0.05, layer_decay=1.0,              # AdamW (0.9, 0.999, 1e-8)
+      grad_clip=config_dict.placeholder(float),
+      frozen_dtype='bfloat16',   # storage of a frozen backbone (trainable params: param_dtype)
+      log_every=50, checkpoint_every=1000, max_to_keep=2,
+      eval_every=8000,           # 0: only the evaluation at the end
+      seed=0,
   ))
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.seed = 0

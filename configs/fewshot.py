@@ -13,6 +13,8 @@ ARG: the fraction (1of16 | 1of8 | 1of4 | 1of2 | 1of1), optionally the variant an
 from configs import common
 
 FRACTIONS = {'1of16': 16, '1of8': 8, '1of4': 4, '1of2': 2, '1of1': 1}
+SCHEDULES = {'1of16': (5000, 100), '1of8': (10000, 200), '1of4': (20000, 400),
+             '1of2': (40000, 800), '1of1': (80000, 1500)}  # (steps, warmup)
 
 
 def get_config(arg=None):
@@ -21,11 +23,13 @@ def get_config(arg=None):
   args = common.parse_arg(','.join(w for w in words if w not in FRACTIONS),
                           variant='224', tiny=False)
   config = common.base_config(args.variant)
-  config.fraction = FRACTIONS[fraction]
   bb = config.model.backbone
   bb.out_indices, bb.freeze, bb.drop_path_rate = [bb.depth - 1], False, 0.4
   config.model.decode_head.update(dict(type='linear', dropout=0.0))
   config.eval.resize = 'short_side' if fraction == '1of1' else 'fit'
+  config.data.fraction = FRACTIONS[fraction]
+  steps, warmup = SCHEDULES[fraction]
+  config.train.update(dict(steps=steps, warmup_steps=warmup, weight_decay=0.05, layer_decay=0.95))
   if args.tiny:
     common.tiny_model(config)
   config.lock()

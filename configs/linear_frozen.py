@@ -17,6 +17,7 @@ def get_config(arg=None):
   bb = config.model.backbone
   bb.out_indices, bb.freeze = common.out_indices(bb.depth, 'linear_probe'), True
   config.model.decode_head.update(dict(type='linear', dropout=0.0))
+  config.train.update(dict(weight_decay=0.0, layer_decay=1.0))
   if args.tiny:
     common.tiny_model(config)
   config.lock()

@@ -15,6 +15,7 @@ def get_config(arg=None):
   config = common.base_config(args.variant)
   config.model.backbone.freeze = True
   common.upernet(config, aux_in_index=1)
+  config.train.update(dict(weight_decay=0.05, layer_decay=1.0))
   if args.tiny:
     common.tiny_model(config)
   config.lock()

@@ -16,6 +16,7 @@ def get_config(arg=None):
   bb = config.model.backbone
   bb.freeze, bb.drop_path_rate = False, 0.4
   common.upernet(config, aux_in_index=2)
+  config.train.update(dict(weight_decay=0.05, layer_decay=0.95))
   if args.tiny:
     common.tiny_model(config)
   config.lock()

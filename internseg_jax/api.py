@@ -163,6 +163,32 @@ def load_variables(path, target, required=('backbone',)):
   return restored, missing_modules
 
 
+def init_variables(module: Segmentor, mesh: Mesh, checkpoint=None, seed: int = 0,
+                   dtype_of=None):
+  """Variables of `module` from `checkpoint` (modules it lacks, e.g. the heads of
+  a converted backbone, random), or all random; created in their shards.
+  `dtype_of(path) -> dtype or None` overrides the storage dtype of parameters
+  (e.g. a frozen backbone kept in bf16); restores cast while reading."""
+  target = abstract_variables(module, mesh)
+  if dtype_of is not None:
+    target = _unflat({k: jax.ShapeDtypeStruct(t.shape, dtype_of(k) or t.dtype, sharding=t.sharding)
+                      for k, t in _flat(target).items()})
+  if checkpoint:
+    restored, missing = load_variables(checkpoint, target)
+    if missing:
+      logging.warning('%s not in %s: randomly initialised', ', '.join(missing), checkpoint)
+  else:
+    logging.info('no checkpoint given: random parameters')
+    restored, missing = {}, None
+  if missing is None or missing:
+    flat_target = _flat(target)
+    fresh = _flat(random_variables(module, mesh, seed, only=missing))
+    cast = jax.jit(lambda x: {k: v.astype(flat_target[k].dtype) for k, v in x.items()},
+                   out_shardings={k: flat_target[k].sharding for k in fresh})
+    restored.update(cast(fresh))
+  return _unflat(restored)
+
+
 def init_model(config, checkpoint=None, mesh: Mesh | None = None) -> Model:
   """Builds the model of `config` with variables from `checkpoint` (a converter
   output, a training workdir or one checkpoint folder), else from
@@ -172,15 +198,8 @@ def init_model(config, checkpoint=None, mesh: Mesh | None = None) -> Model:
   mesh = mesh or sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   module = build_segmentor(config.model)
   checkpoint = checkpoint or config.init.get('checkpoint') or config.init.get('pretrained')
-  seed = config.get('seed', 0)
-  if not checkpoint:
-    logging.info('no checkpoint given: random parameters')
-    return Model(config, module, random_variables(module, mesh, seed), mesh)
-  restored, missing = load_variables(checkpoint, abstract_variables(module, mesh))
-  if missing:
-    logging.warning('%s not in %s: randomly initialised', ', '.join(missing), checkpoint)
-    restored.update(_flat(random_variables(module, mesh, seed, only=missing)))
-  return Model(config, module, _unflat(restored), mesh)
+  variables = init_variables(module, mesh, checkpoint, config.get('seed', 0))
+  return Model(config, module, variables, mesh)
 
 
 def _put_batch(model: Model, images):

@@ -3,6 +3,7 @@ r"""Entry point: train, evaluate or predict with one config.
   python -m internseg_jax.main --config=configs/NAME.py[:ARG] --workdir=DIR \
       [--mode=train|eval|predict] [--config.KEY=VALUE ...]
 
+train:   trains (resuming from DIR/checkpoints), evaluates at the end
 eval:    mIoU on data.root's validation split -> DIR/eval_results.json
 predict: predict.input (an image or a folder) -> DIR/predictions/*.png
 Weights: init.checkpoint (a converter output or checkpoint folder), else the
@@ -42,31 +43,42 @@ def main(argv):
   del argv
   if FLAGS.coordinator_address or FLAGS.num_processes:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  from internseg_jax import api, evaluate, predict  # after jax.distributed
-  from internseg_jax.data.sources import ADEFolder, DataError
+  elif int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    jax.distributed.initialize()  # reads the coordinator and ranks from SLURM's variables
+  from internseg_jax import api, evaluate, predict, train  # after jax.distributed
+  from internseg_jax.data import sources, synthetic
+  from internseg_jax.data.sources import DataError
   config, workdir = FLAGS.config, FLAGS.workdir
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
   logging.info('mode %s, %d process(es), %d devices', FLAGS.mode, jax.process_count(),
                jax.device_count())
   try:
+    if config.data.get('synthetic') and not config.data.root:
+      config.data.root = synthetic.ensure_data(config.data, workdir)
     if FLAGS.mode == 'train':
-      raise app.UsageError('--mode=train is not available yet (training arrives with its '
-                           'issue); use --mode=eval or --mode=predict')
+      train.train_and_evaluate(config, workdir)
+      if not config.predict.after_train:
+        return
+    elif FLAGS.mode == 'predict':
+      files = predict.list_inputs(config.predict.input)
     model = api.init_model(config, weights_for(config, workdir))
     if FLAGS.mode == 'eval':
-      dataset = ADEFolder(config.data.root, 'validation', config.data.num_classes,
-                          config.data.reduce_zero_label)
+      dataset = sources.make_source(config.data, 'validation')
       result = evaluate.evaluate(model, dataset, workdir if jax.process_index() == 0 else None,
                                  limit=config.eval.limit)
       print(f"mIoU {result['mIoU']:.4f}  aAcc {result['aAcc']:.4f}  mAcc {result['mAcc']:.4f}"
             f"  -> {os.path.join(workdir, 'eval_results.json')}")
+      return
+    out, write = os.path.join(workdir, 'predictions'), jax.process_index() == 0
+    if FLAGS.mode == 'train':  # overlays of the first validation images
+      val = sources.make_source(config.data, 'validation')
+      count = min(config.predict.after_train, len(val))
+      items = ((val[i]['name'], val[i]['image']) for i in range(count))
+      written = predict.predict_images(model, items, out, config.predict.alpha, write, count)
     else:
-      files = predict.list_inputs(config.predict.input)
-      out = os.path.join(workdir, 'predictions')
-      written = predict.predict_files(model, files, out, config.predict.alpha,
-                                      write=jax.process_index() == 0)
-      print(f'wrote {len(written)} overlay(s) to {out}')
+      written = predict.predict_files(model, files, out, config.predict.alpha, write)
+    print(f'wrote {len(written)} overlay(s) to {out}')
   except (DataError, FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
 

@@ -30,16 +30,22 @@ def class_names(num_classes: int):
 
 def predict_files(model: api.Model, files, out_dir: str, alpha: float = 0.5,
                   write: bool = True) -> list[str]:
-  """Writes NAME_labels.png (class indices) and NAME_overlay.png (ADE palette and
-  a legend of the classes present) per image; returns the overlay paths."""
+  """Predictions for image files (see `predict_images`)."""
+  items = ((os.path.splitext(os.path.basename(p))[0], read_image(p)) for p in files)
+  return predict_images(model, items, out_dir, alpha, write, total=len(files))
+
+
+def predict_images(model: api.Model, items, out_dir: str, alpha: float = 0.5,
+                   write: bool = True, total: int | None = None) -> list[str]:
+  """For (name, uint8 RGB image) pairs, writes NAME_labels.png (class indices)
+  and NAME_overlay.png (ADE palette and a legend of the classes present);
+  returns the overlay paths."""
   names = class_names(model.config.model.decode_head.num_classes)
   written = []
-  for path in tqdm(files, desc='predict', unit='img', disable=not write):
-    image = read_image(path)
+  for stem, image in tqdm(items, desc='predict', unit='img', total=total, disable=not write):
     labels = api.inference_model(model, image)
     if not write:
       continue
-    stem = os.path.splitext(os.path.basename(path))[0]
     visualize.save_png(os.path.join(out_dir, f'{stem}_labels.png'), labels.astype(np.uint8))
     overlay = visualize.overlay_with_legend(image, labels, alpha=alpha, class_names=names)
     written.append(os.path.join(out_dir, f'{stem}_overlay.png'))

@@ -59,6 +59,23 @@ def write_ade_folder(root: str, num_train: int = 64, num_val: int = 16, num_clas
   return root
 
 
+def ensure_data(data_config, workdir: str) -> str:
+  """For configs with `data.synthetic` and no `data.root`: generates the
+  dataset once into WORKDIR/data (reused on resume) and returns its root."""
+  if data_config.get('root'):
+    return data_config.root
+  spec = data_config.get('synthetic')
+  if not spec:
+    raise ValueError('data.root is not set: point it at an ADEChallengeData2016 folder')
+  root = os.path.join(workdir, 'data')
+  done = os.path.join(root, '.complete')
+  if not os.path.exists(done):
+    write_ade_folder(root, spec.num_train, spec.num_val, data_config.num_classes,
+                     tuple(spec.size_range), spec.seed)
+    open(done, 'w').close()
+  return root
+
+
 if __name__ == '__main__':
   import argparse
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,0 +1,271 @@
+"""Training: train state, the sharded step, the loop, checkpoints and resume.
+
+Parameters are split by one rule (optim.is_trainable) into a trainable flat dict,
+which is differentiated and has optimizer state, and a frozen one, which has
+neither (and may be stored in bf16). Everything lives on the (data, fsdp) mesh
+with shardings from the rule table; the batch is split over both axes.
+Checkpoints (Orbax, asynchronous, atomic) hold the variables (`params/`, the
+same layout as a converter output), the optimizer state, the step and RNG, and
+the data iterator, so a rerun with the same workdir resumes exactly.
+"""
+import functools
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from internseg_jax import api, checkpoint, evaluate, optim, sharding
+from internseg_jax.data import pipeline, sources, subsets, transforms
+from internseg_jax.models.build import build_segmentor
+from internseg_jax.models.segmentor import segmentation_loss
+from internseg_jax import train_logging
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  trainable: dict      # flat {'decode_head/conv_seg/kernel': array}
+  frozen: dict         # flat, never differentiated
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array       # raw uint32 key data
+
+  def variables(self):
+    return {'params': optim.unflatten({**self.trainable, **self.frozen}),
+            'batch_stats': self.batch_stats}
+
+
+class Trainer:
+  """Builds the model, optimizer and jitted step for a config on a mesh."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    self.module = build_segmentor(config.model)
+    self.freeze = bool(config.model.backbone.freeze)
+    self.depth = config.model.backbone.depth
+    aux = config.model.get('auxiliary_head')
+    self.aux_weight = aux.loss_weight if aux is not None else 0.0
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def frozen_dtype(self, path: str):
+    """Storage dtype override: a frozen backbone in train.frozen_dtype."""
+    name = path.split('/', 1)[1] if path.startswith('params/') else None
+    if name is not None and not optim.is_trainable(name, self.freeze):
+      return jnp.dtype(self.config.train.frozen_dtype)
+    return None
+
+  def _optimizer(self, trainable: dict):
+    if not trainable:
+      raise ValueError('no trainable parameters')
+    self.tx, self.schedule = optim.make_optimizer(self.config.train, trainable, self.depth)
+
+  def initial_state(self, checkpoint=None) -> TrainState:
+    """From `checkpoint` (converted backbone or full model; missing modules
+    random) or random; optimizer state fresh."""
+    variables = api.init_variables(self.module, self.mesh, checkpoint, self.config.train.seed,
+                                   dtype_of=self.frozen_dtype)
+    trainable, frozen = optim.split_trainable(variables['params'], self.freeze)
+    self._optimizer(trainable)
+    opt_shapes = jax.eval_shape(self.tx.init, trainable)
+    opt_state = jax.jit(self.tx.init, out_shardings=sharding.param_shardings(opt_shapes, self.mesh))(
+        trainable)
+    rng = jax.random.key_data(jax.random.key(self.config.train.seed))
+    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, variables['batch_stats'],
+                      opt_state, jax.device_put(rng, self.replicated))
+
+  def abstract_state(self) -> TrainState:
+    """Shapes, dtypes and shardings of the state, without creating it (resume)."""
+    target = api.abstract_variables(self.module, self.mesh)
+    flat = {k: jax.ShapeDtypeStruct(t.shape, self.frozen_dtype(k) or t.dtype, sharding=t.sharding)
+            for k, t in optim.flatten(target).items()}
+    trainable, frozen = optim.split_trainable(optim.unflatten(flat)['params'], self.freeze)
+    self._optimizer(trainable)
+    opt_shapes = jax.eval_shape(self.tx.init, trainable)
+    opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                             opt_shapes, sharding.param_shardings(opt_shapes, self.mesh))
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    scalar = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated)
+    return TrainState(scalar(jax.ShapeDtypeStruct((), jnp.int32)), trainable, frozen,
+                      optim.unflatten(flat)['batch_stats'], opt_state, scalar(rng))
+
+  def loss_fn(self, trainable, state, batch, rng):
+    params = optim.unflatten({**trainable, **state.frozen})
+    outputs, updates = self.module.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
+        rngs={'dropout': rng}, mutable=['batch_stats'])
+    loss, parts = segmentation_loss(outputs, batch['label'], self.aux_weight)
+    return loss, (parts, updates['batch_stats'])
+
+  def step_fn(self, state: TrainState, batch):
+    rng = jax.random.wrap_key_data(state.rng)
+    rng, step_rng = jax.random.split(jax.random.fold_in(rng, state.step))
+    (loss, (parts, batch_stats)), grads = jax.value_and_grad(self.loss_fn, has_aux=True)(
+        state.trainable, state, batch, step_rng)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = dict(parts, loss=loss, lr=self.schedule(state.step),
+                   grad_norm=optax.global_norm(grads))
+    new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                        batch_stats=batch_stats, rng=jax.random.key_data(rng))
+    return new, metrics
+
+  def jit_step(self, state: TrainState):
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_shardings = {'image': self.batch_sharding,
+                       'label': sharding.batch_sharding(self.mesh, ndim=3)}
+    return jax.jit(self.step_fn, in_shardings=(shardings, batch_shardings),
+                   out_shardings=(shardings, self.replicated), donate_argnums=0)
+
+
+def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.train.max_to_keep, create=True, enable_async_checkpointing=True)
+  return ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints', options=options,
+                               item_names=('params', 'opt_state', 'state', 'data'))
+
+
+def save_args(state: TrainState, loader):
+  return ocp.args.Composite(
+      params=ocp.args.StandardSave(state.variables()),
+      opt_state=ocp.args.StandardSave(state.opt_state),
+      state=ocp.args.StandardSave({'step': state.step, 'rng': state.rng}),
+      data=pipeline.checkpoint_args_save(loader))
+
+
+def restore(manager, step: int, abstract: TrainState, loader) -> TrainState:
+  variables = {'params': optim.unflatten({**abstract.trainable, **abstract.frozen}),
+               'batch_stats': abstract.batch_stats}
+  restored = manager.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(variables),
+      opt_state=ocp.args.StandardRestore(abstract.opt_state),
+      state=ocp.args.StandardRestore({'step': abstract.step, 'rng': abstract.rng}),
+      data=pipeline.checkpoint_args_restore(loader)))
+  flat = optim.flatten(restored.params['params'])
+  return TrainState(restored.state['step'], {k: flat[k] for k in abstract.trainable},
+                    {k: flat[k] for k in abstract.frozen}, restored.params['batch_stats'],
+                    restored.opt_state, restored.state['rng'])
+
+
+def make_loader(config, workdir: str):
+  d = config.data
+  source = sources.make_source(d, 'training', log_dir=workdir)
+  if d.fraction > 1:  # a seeded subset, its file list written (and reread on resume)
+    source = subsets.fewshot_source(source, d.fraction, d.subset_seed, workdir,
+                                    write=jax.process_index() == 0)
+  transform = functools.partial(
+      transforms.train_transform, crop_size=d.crop_size, scale=tuple(d.scale),
+      ratio_range=tuple(d.ratio_range), cat_max_ratio=d.cat_max_ratio, flip_prob=d.flip_prob,
+      photometric=d.photometric)
+  logging.info('training on %d images (%s)', len(source), d.root)
+  return pipeline.train_loader(
+      source, global_batch_size=config.train.batch_size, seed=config.train.seed,
+      transform=transform, num_workers=d.num_workers, prefetch=d.prefetch,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+
+def evaluate_state(trainer: Trainer, state: TrainState, workdir: str | None, dataset) -> dict:
+  model = api.Model(trainer.config, trainer.module, state.variables(), trainer.mesh)
+  return evaluate.evaluate(model, dataset, workdir if jax.process_index() == 0 else None,
+                           limit=trainer.config.eval.limit)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains (resuming from DIR/checkpoints if there are any), evaluates
+  every `train.eval_every` steps and at the end, keeps the best by mIoU."""
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  n = mesh.shape['data'] * mesh.shape['fsdp']
+  if config.train.batch_size % n:
+    raise ValueError(f'train.batch_size {config.train.batch_size} is not divisible by the '
+                     f'{n} devices of the mesh')
+  trainer = Trainer(config, mesh)
+  loader = make_loader(config, workdir)
+  val = sources.make_source(config.data, 'validation')
+  manager = checkpoint_manager(workdir, config)
+  log = train_logging.Logger(workdir, config, enabled=jax.process_index() == 0)
+
+  latest = manager.latest_step()
+  if latest is not None:
+    logging.info('resuming from %s/checkpoints/%d', workdir, latest)
+    state = restore(manager, latest, trainer.abstract_state(), loader)
+  else:
+    state = trainer.initial_state(config.init.checkpoint or config.init.pretrained)
+  iterator = iter(loader)
+  start, total = int(state.step), config.train.steps
+  log.start(start, total, describe(trainer, state))
+  last_good = latest
+  step_fn = None
+  for step in range(start, total):
+    batch = pipeline.to_global(next(iterator), mesh)
+    if step_fn is None:  # compiled ahead of time, so its FLOP count can be logged
+      step_fn = trainer.jit_step(state).lower(state, batch).compile()
+      log.flops_per_step = compiled_flops(step_fn)
+    state, metrics = step_fn(state, batch)
+    done = step + 1
+    at_log = done % config.train.log_every == 0 or done == total
+    at_ckpt = done % config.train.checkpoint_every == 0 or done == total
+    if at_log or at_ckpt:
+      values = jax.device_get(metrics)
+      if not np.isfinite(values['loss']):
+        manager.wait_until_finished()
+        raise FloatingPointError(
+            f'loss is {values["loss"]} at step {done}; stopped. The last good checkpoint '
+            f'(step {last_good}) is kept in {workdir}/checkpoints; lower train.lr or check '
+            'the data before resuming.')
+      log.train_row(done, values)
+    else:
+      log.tick(done)
+    if at_ckpt:
+      manager.save(done, args=save_args(state, loader))
+      last_good = done
+    if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
+      result = evaluate_state(trainer, state, None, val)
+      if log.eval_row(done, result):
+        save_best(workdir, state, done, result)
+  manager.wait_until_finished()
+  result = evaluate_state(trainer, state, workdir, val)
+  if log.eval_row(total, result):
+    save_best(workdir, state, total, result)
+  log.finish(total, result)
+  manager.close()
+  return result
+
+
+def save_best(workdir: str, state: TrainState, step: int, result: dict) -> None:
+  """DIR/best: the variables with the highest mIoU so far (replaced atomically)."""
+  best = os.path.join(workdir, 'best')
+  fresh, old = best + '.new', best + '.old'
+  for path in (fresh, old):
+    if os.path.exists(path):
+      epath.Path(path).rmtree()
+  checkpoint.save_params(fresh, state.variables(), dict(step=step, mIoU=float(result['mIoU'])))
+  if jax.process_index() == 0:
+    if os.path.exists(best):
+      os.rename(best, old)
+    os.rename(fresh, best)
+    if os.path.exists(old):
+      epath.Path(old).rmtree()
+
+
+def compiled_flops(compiled) -> float | None:
+  """FLOPs of one step on one device, from XLA's cost analysis (if available)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # not every backend implements it
+    return None
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get('flops', 0.0)) if cost else None
+
+
+def describe(trainer: Trainer, state: TrainState) -> dict:
+  count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+  return dict(trainable=count(state.trainable), frozen=count(state.frozen),
+              devices=jax.device_count(), mesh=dict(trainer.mesh.shape))
