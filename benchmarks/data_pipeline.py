@@ -8,14 +8,18 @@ directory, then measures, in the same run:
            element does, directly: decode (OpenCV), transforms.train_transform,
            stack into batches;
   grain/w  internseg_jax.data.pipeline.train_loader with w worker processes
-           (w = 0: in this process, one background thread).
-OpenCV runs one thread everywhere (the workers set that themselves), so "cores
+           (w = 0: in this process, in background threads; 1 unless WtT).
+Every delivered batch is read once (`consume`), as the host-to-device copy
+would. OpenCV runs one thread everywhere (the workers set that themselves), so "cores
 used" is 1 for plain and grain/0 and w for grain/w (the main process then only
 copies finished batches out of shared memory). Throughput is steady state: the
 worker start-up and the first batches are timed separately. The settings run
 in turns for --rounds rounds and the medians are reported (shared, noisy
 machines). The last line is
-`images/s per core: N`, the best throughput divided by the cores it used.
+`images/s per core: N`: the best grain setting's throughput divided by the
+cores it used (workers x threads).
+Also printed: images per CPU-second (CPU time of this process and its workers,
+from /proc), which is less sensitive to other load on a shared machine.
 """
 import argparse
 import json
@@ -72,9 +76,39 @@ def train_transform(crop: int):
     return standin, 'stand-in'
 
 
+def cpu_seconds() -> float:
+  """CPU time (user + system) of this process and its live child processes
+  (the grain workers), from /proc; this process only elsewhere."""
+  total = time.process_time()
+  try:
+    tick = os.sysconf('SC_CLK_TCK')
+    me = os.getpid()
+    for pid in os.listdir('/proc'):
+      if not pid.isdigit():
+        continue
+      try:
+        with open(f'/proc/{pid}/stat') as f:
+          fields = f.read().rsplit(')', 1)[1].split()
+      except OSError:
+        continue
+      if int(fields[1]) == me:                  # ppid
+        total += (int(fields[11]) + int(fields[12])) / tick   # utime + stime
+  except (OSError, ValueError, AttributeError):
+    pass
+  return total
+
+
+def consume(batch) -> None:
+  """Reads every byte once, as the host-to-device copy of a training step would
+  (for worker outputs this is where the shared-memory pages are first touched)."""
+  for value in batch.values():
+    value.max()
+
+
 def plain_loop(source, transform, batch: int, images: int, seed: int) -> float:
-  """images/s of decode + transform + stack, one process, no grain."""
-  start = time.perf_counter()
+  """(images/s, images per CPU-second) of decode + transform + stack, one
+  process, no grain."""
+  start, cpu = time.perf_counter(), cpu_seconds()
   done = 0
   while done < images:
     examples = []
@@ -87,27 +121,29 @@ def plain_loop(source, transform, batch: int, images: int, seed: int) -> float:
       done += 1
     out = {'image': np.stack([e[0] for e in examples]),
            'label': np.stack([e[1] for e in examples])}
-    assert out['image'].shape[0] == batch
-  return done / (time.perf_counter() - start)
+    consume(out)
+  return done / (time.perf_counter() - start), done / (cpu_seconds() - cpu)
 
 
 def grain_loop(source, transform, batch: int, images: int, seed: int, workers: int,
-               prefetch: int) -> tuple[float, float]:
-  """(steady images/s, seconds to the first batches) of train_loader."""
+               threads: int, prefetch: int) -> tuple[float, float, float]:
+  """(steady images/s, images per CPU-second, seconds to the first batches)."""
   start = time.perf_counter()
   with pipeline.train_loader(source, global_batch_size=batch, seed=seed, transform=transform,
-                             num_workers=workers, prefetch=prefetch, process_index=0,
+                             num_workers=workers, read_threads=threads, prefetch=prefetch, process_index=0,
                              process_count=1) as it:
     for _ in range(max(1, workers)):       # start-up: every worker delivered once
       next(it)
     startup = time.perf_counter() - start
     steps = max(1, images // batch)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(steps):
       out = next(it)
+      consume(out)
     elapsed = time.perf_counter() - start
+    cpu = cpu_seconds() - cpu
   assert out['image'].shape[0] == batch
-  return steps * batch / elapsed, startup
+  return steps * batch / elapsed, steps * batch / cpu, startup
 
 
 def main():
@@ -116,7 +152,9 @@ def main():
   parser.add_argument('--measure', type=int, default=160, help='images timed per setting')
   parser.add_argument('--batch', type=int, default=8)
   parser.add_argument('--crop', type=int, default=504)
-  parser.add_argument('--workers', default='0,1,2')
+  parser.add_argument('--workers', default='0,1,2',
+                      help='grain settings: W (W worker processes) or WtT (T read threads '
+                      'in each worker, or in this process when W = 0)')
   parser.add_argument('--prefetch', type=int, default=2)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--root', default=None, help='reuse/write the folder here')
@@ -139,34 +177,40 @@ def main():
   print(f'{len(source)} images, crop {args.crop}, batch {args.batch}, transform {kind}, '
         f'{cores} cores')
 
-  settings = [('plain loop', 1, None)] + [
-      (f'grain {w} workers', max(1, w), w) for w in
-      (int(w) for w in args.workers.split(',') if w.strip())]
+  settings = [('plain loop', 1, None)]
+  for item in filter(None, (w.strip() for w in args.workers.split(','))):
+    workers, _, threads = item.partition('t')
+    workers, threads = int(workers), int(threads or 1)
+    name = f'grain {workers} workers' + (f' x {threads} threads' if threads > 1 else '')
+    settings.append((name, max(1, workers) * threads, (workers, threads)))
   rates = {name: [] for name, _, _ in settings}
+  per_cpu = {name: [] for name, _, _ in settings}
   startups = {name: [] for name, _, _ in settings}
   for r in range(args.rounds):  # settings in turns: all see the same machine load
-    for name, _, workers in settings:
-      if workers is None:
-        rates[name].append(plain_loop(source, transform, args.batch, args.measure, seed=r))
+    for name, _, grain_setting in settings:
+      if grain_setting is None:
+        rate, eff = plain_loop(source, transform, args.batch, args.measure, seed=r)
       else:
-        rate, startup = grain_loop(source, transform, args.batch, args.measure, r, workers,
-                                   args.prefetch)
-        rates[name].append(rate)
+        rate, eff, startup = grain_loop(source, transform, args.batch, args.measure, r,
+                                        *grain_setting, args.prefetch)
         startups[name].append(startup)
-    print(f'round {r}: ' + ', '.join(f'{n} {rates[n][-1]:.1f}' for n, _, _ in settings))
+      rates[name].append(rate)
+      per_cpu[name].append(eff)
+    print(f'round {r}: ' + ', '.join(f'{n} {rates[n][-1]:.1f}' for n, _, _ in settings),
+          flush=True)
   plain = float(np.median(rates['plain loop']))
   rows = []
   for name, used, _ in settings:
     rate = float(np.median(rates[name]))
     row = {'setting': name, 'images_per_s': rate, 'cores': used, 'vs_plain': rate / plain,
-           'rounds': rates[name]}
+           'images_per_cpu_s': float(np.median(per_cpu[name])), 'rounds': rates[name]}
     if startups[name]:
       row['startup_s'] = float(np.median(startups[name]))
     rows.append(row)
     print(f'{name:18s} {rate:7.2f} images/s (median of {args.rounds}), {rate / plain:.2f}x '
-          f'plain, {used} core(s)' +
-          (f', start-up {row["startup_s"]:.1f}s' if 'startup_s' in row else ''))
-  best = max(rows, key=lambda r: r['images_per_s'])
+          f'plain, {used} core(s); {row["images_per_cpu_s"]:.1f} images per CPU-second' +
+          (f'; start-up {row["startup_s"]:.1f}s' if 'startup_s' in row else ''))
+  best = max(rows[1:] or rows, key=lambda r: r['images_per_s'])  # the grain settings
   per_core = best['images_per_s'] / best['cores']
   if args.json:
     with open(args.json, 'w') as f:

@@ -29,9 +29,9 @@ def get_config(arg=None):
       size_range=(96, 160), seed=0))
   d.crop_size, d.scale, d.num_workers = 112, (448, 112), 0
   config.train.update(dict(
-      batch_size=8, steps=30 if args.short else 1500, lr=1e-3, warmup_steps=50,
+      batch_size=8, steps=30 if args.short else 600, lr=1e-3, warmup_steps=50,
       weight_decay=0.01, layer_decay=1.0, log_every=10 if args.short else 50,
-      checkpoint_every=20 if args.short else 500, eval_every=0))
+      checkpoint_every=20 if args.short else 200, eval_every=0))
   config.eval.update(dict(crop_size=112, stride=75, scale=(448, 112), batch_size=8))
   config.predict.after_train = 4   # overlays of the first val images after training
   config.mesh.data = -1

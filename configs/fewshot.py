@@ -30,6 +30,9 @@ def get_config(arg=None):
   config.data.fraction = FRACTIONS[fraction]
   steps, warmup = SCHEDULES[fraction]
   config.train.update(dict(steps=steps, warmup_steps=warmup, weight_decay=0.05, layer_decay=0.95))
+  # The trained backbone's float32 weights + AdamW state (~95 GiB) need FSDP:
+  # shard them over all devices (see the memory plan in the README).
+  config.mesh.update(dict(data=1, fsdp=-1))
   if args.tiny:
     common.tiny_model(config)
   config.lock()

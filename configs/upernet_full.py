@@ -17,6 +17,9 @@ def get_config(arg=None):
   bb.freeze, bb.drop_path_rate = False, 0.4
   common.upernet(config, aux_in_index=2)
   config.train.update(dict(weight_decay=0.05, layer_decay=0.95))
+  # The trained backbone's float32 weights + AdamW state (~95 GiB) need FSDP:
+  # shard them over all devices (see the memory plan in the README).
+  config.mesh.update(dict(data=1, fsdp=-1))
   if args.tiny:
     common.tiny_model(config)
   config.lock()

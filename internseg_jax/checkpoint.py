@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -198,10 +199,18 @@ def save_params(directory, params, info: dict | None = None, progress=None) -> N
   directory = epath.Path(directory)
   if directory.exists():
     raise FileExistsError(f'{directory} already exists; remove it or choose another --dst')
-  tmp = directory.parent / f'.{directory.name}.incomplete-{os.getpid()}'
-  if tmp.exists():
-    tmp.rmtree()
-  tmp.mkdir(parents=True)
+  # With several processes (multi-host training) they all write into one folder,
+  # so its name cannot depend on the process; process 0 manages the folder.
+  multi = jax.process_count() > 1
+  lead = jax.process_index() == 0
+  suffix = 'incomplete' if multi else f'incomplete-{os.getpid()}'
+  tmp = directory.parent / f'.{directory.name}.{suffix}'
+  if lead:
+    if tmp.exists():
+      tmp.rmtree()
+    tmp.mkdir(parents=True)
+  if multi:
+    multihost_utils.sync_global_devices(f'save_params:{directory}:start')
   stacks = [x for x in jax.tree.leaves(params, is_leaf=_is_leaf) if _is_leaf(x)]
   bar = progress(total=sum(x.shape[0] for x in stacks), desc='writing', unit='slice') \
       if progress is not None and stacks else None
@@ -210,17 +219,21 @@ def save_params(directory, params, info: dict | None = None, progress=None) -> N
   try:
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
       ckptr.save(tmp / PARAMS, args=ocp.args.PyTreeSave(params))
-    if info is not None:
+    if info is not None and lead:
       (tmp / INFO).write_text(json.dumps(info, indent=2, sort_keys=True))
   except BaseException:  # a failed save leaves nothing behind (a killed one: only tmp)
-    _remove_settled(tmp)
+    if lead:
+      _remove_settled(tmp)
     raise
   finally:
     if bar is not None:
       bar.close()
-  if directory.exists():  # rename() would silently replace an empty folder
-    raise FileExistsError(f'{directory} appeared while writing; the output is in {tmp}')
-  tmp.rename(directory)
+  if lead:
+    if directory.exists():  # rename() would silently replace an empty folder
+      raise FileExistsError(f'{directory} appeared while writing; the output is in {tmp}')
+    tmp.rename(directory)
+  if multi:
+    multihost_utils.sync_global_devices(f'save_params:{directory}:done')
 
 
 def find_params_dir(path) -> epath.Path:

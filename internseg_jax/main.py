@@ -81,6 +81,9 @@ def main(argv):
     print(f'wrote {len(written)} overlay(s) to {out}')
   except (DataError, FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from None
+  except FloatingPointError as e:  # NaN: the message says what was kept
+    logging.error('%s', e)
+    raise SystemExit(f'error: {e}') from None
 
 
 if __name__ == '__main__':

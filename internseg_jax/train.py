@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 
 from internseg_jax import api, checkpoint, evaluate, optim, sharding
-from internseg_jax.data import pipeline, sources, subsets, transforms
+from internseg_jax.data import sources, subsets, transforms
 from internseg_jax.models.build import build_segmentor
 from internseg_jax.models.segmentor import segmentation_loss
 from internseg_jax import train_logging
@@ -48,8 +48,14 @@ class Trainer:
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
-    self.module = build_segmentor(config.model)
     self.freeze = bool(config.model.backbone.freeze)
+    model = config.model
+    if not self.freeze and model.backbone.attention == 'auto':
+      # cuDNN flash attention has no backward pass for 1297 tokens (seen on an
+      # H200, jax 0.11): a trained backbone uses the XLA attention.
+      model = model.copy_and_resolve_references()
+      model.backbone.attention = 'xla'
+    self.module = build_segmentor(model)
     self.depth = config.model.backbone.depth
     aux = config.model.get('auxiliary_head')
     self.aux_weight = aux.loss_weight if aux is not None else 0.0
@@ -79,8 +85,9 @@ class Trainer:
     opt_state = jax.jit(self.tx.init, out_shardings=sharding.param_shardings(opt_shapes, self.mesh))(
         trainable)
     rng = jax.random.key_data(jax.random.key(self.config.train.seed))
-    return TrainState(jnp.zeros((), jnp.int32), trainable, frozen, variables['batch_stats'],
-                      opt_state, jax.device_put(rng, self.replicated))
+    return TrainState(jax.device_put(jnp.zeros((), jnp.int32), self.replicated), trainable,
+                      frozen, variables['batch_stats'], opt_state,
+                      jax.device_put(rng, self.replicated))
 
   def abstract_state(self) -> TrainState:
     """Shapes, dtypes and shardings of the state, without creating it (resume)."""
@@ -112,8 +119,11 @@ class Trainer:
         state.trainable, state, batch, step_rng)
     updates, opt_state = self.tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    metrics = dict(parts, loss=loss, lr=self.schedule(state.step),
-                   grad_norm=optax.global_norm(grads))
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
+        optax.global_norm(trainable))
+    metrics = dict(parts, loss=loss, lr=self.schedule(state.step), grad_norm=grad_norm,
+                   finite=finite)
     new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                         batch_stats=batch_stats, rng=jax.random.key_data(rng))
     return new, metrics
@@ -134,6 +144,7 @@ def checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 
 
 def save_args(state: TrainState, loader):
+  from internseg_jax.data import pipeline  # grain: only where data is loaded
   return ocp.args.Composite(
       params=ocp.args.StandardSave(state.variables()),
       opt_state=ocp.args.StandardSave(state.opt_state),
@@ -142,6 +153,7 @@ def save_args(state: TrainState, loader):
 
 
 def restore(manager, step: int, abstract: TrainState, loader) -> TrainState:
+  from internseg_jax.data import pipeline
   variables = {'params': optim.unflatten({**abstract.trainable, **abstract.frozen}),
                'batch_stats': abstract.batch_stats}
   restored = manager.restore(step, args=ocp.args.Composite(
@@ -156,6 +168,7 @@ def restore(manager, step: int, abstract: TrainState, loader) -> TrainState:
 
 
 def make_loader(config, workdir: str):
+  from internseg_jax.data import pipeline
   d = config.data
   source = sources.make_source(d, 'training', log_dir=workdir)
   if d.fraction > 1:  # a seeded subset, its file list written (and reread on resume)
@@ -186,6 +199,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if config.train.batch_size % n:
     raise ValueError(f'train.batch_size {config.train.batch_size} is not divisible by the '
                      f'{n} devices of the mesh')
+  from internseg_jax.data import pipeline
   trainer = Trainer(config, mesh)
   loader = make_loader(config, workdir)
   val = sources.make_source(config.data, 'validation')
@@ -214,10 +228,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     at_ckpt = done % config.train.checkpoint_every == 0 or done == total
     if at_log or at_ckpt:
       values = jax.device_get(metrics)
-      if not np.isfinite(values['loss']):
+      if not values.pop('finite'):
         manager.wait_until_finished()
         raise FloatingPointError(
-            f'loss is {values["loss"]} at step {done}; stopped. The last good checkpoint '
+            f'non-finite loss or parameters at step {done} (loss {values["loss"]}); stopped. The last good checkpoint '
             f'(step {last_good}) is kept in {workdir}/checkpoints; lower train.lr or check '
             'the data before resuming.')
       log.train_row(done, values)
@@ -243,11 +257,13 @@ def save_best(workdir: str, state: TrainState, step: int, result: dict) -> None:
   """DIR/best: the variables with the highest mIoU so far (replaced atomically)."""
   best = os.path.join(workdir, 'best')
   fresh, old = best + '.new', best + '.old'
-  for path in (fresh, old):
-    if os.path.exists(path):
-      epath.Path(path).rmtree()
+  lead = jax.process_index() == 0
+  if lead:
+    for path in (fresh, old):
+      if os.path.exists(path):
+        epath.Path(path).rmtree()
   checkpoint.save_params(fresh, state.variables(), dict(step=step, mIoU=float(result['mIoU'])))
-  if jax.process_index() == 0:
+  if lead:
     if os.path.exists(best):
       os.rename(best, old)
     os.rename(fresh, best)

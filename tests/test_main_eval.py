@@ -39,7 +39,8 @@ def setup(tmp_path_factory):
 
 
 def run_main(*args):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')  # as in-process
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8 '
+             '--xla_backend_optimization_level=0')  # as in-process
   return subprocess.run([sys.executable, '-m', 'internseg_jax.main', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 

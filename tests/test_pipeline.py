@@ -1,6 +1,5 @@
 """The grain training pipeline: determinism over workers, restarts and
 processes, Orbax checkpointing of its state, and to_global."""
-import functools
 import json
 import os
 
@@ -29,6 +28,19 @@ def simple_transform(image, label, rng, crop=CROP):
   if rng.random() < 0.5:
     image, label = image[:, ::-1], label[:, ::-1]
   return image.astype(np.float32) / 255 + np.float32(rng.uniform(-1, 1)), label
+
+
+def probe_worker_transform(image, label, rng):
+  """Reports, in the pixels, the process it ran in and whether a JAX backend
+  had been initialised there."""
+  import sys
+  initialised = 0.0
+  if 'jax' in sys.modules:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+    initialised = float(xla_bridge.backends_are_initialized())
+  image, label = simple_transform(image, label, rng)
+  image[0, 0, 0], image[0, 0, 1] = initialised, os.getpid()
+  return image, label
 
 
 def loader(source, **kwargs):
@@ -71,6 +83,15 @@ def test_same_batches_for_0_1_2_workers_and_resume_across_worker_counts(source):
   with loader(source, num_workers=0) as it:
     it.set_state(state)
     assert_same(take(it, 4), want[3:])
+
+
+def test_workers_are_separate_processes_without_jax_backend(source):
+  import jax
+  jax.devices()                       # the parent has a backend; a forked child would too
+  with loader(source, num_workers=1, prefetch=1, transform=probe_worker_transform) as it:
+    batch = next(it)
+  assert (batch['image'][:, 0, 0, 0] == 0).all()          # no backend initialised
+  assert (batch['image'][:, 0, 0, 1] != os.getpid()).all()
 
 
 def test_get_set_state_mid_epoch(source):

@@ -42,12 +42,18 @@ those must be picklable and must not touch JAX at import time (importing grain
 imports jax, but no backend is initialised; `_init_worker` additionally pins
 JAX to the CPU in the workers as a guard). Spawn re-imports the main module,
 so scripts need an `if __name__ == '__main__':` guard. Each worker limits
-OpenCV to one thread. Close the iterator (`it.close()`, or `with`) when done.
+OpenCV to one thread. Workers hand batches over in /dev/shm (grain shared
+memory; up to num_workers x prefetch batches at a time, 4 MB per 504x504
+example: size /dev/shm accordingly in containers); this process copies each
+batch out as it returns it. Close the iterator (`it.close()`, or `with`) when
+done; iterators still open at exit are closed by an atexit hook.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import weakref
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -102,7 +108,11 @@ class _LoadExample:
     record = self.source[record_index]
     image, label = self.transform(record['image'], record['label'],
                                   example_rng(self.seed, record_index, epoch))
-    out = {'image': np.asarray(image, np.float32), 'label': np.asarray(label, np.int32)}
+    label = np.asarray(label)
+    # uint8 labels travel as uint8 (a quarter of the bytes between processes);
+    # TrainIterator casts the batch to int32.
+    out = {'image': np.asarray(image, np.float32),
+           'label': label if label.dtype == np.uint8 else label.astype(np.int32)}
     if out['image'].ndim != 3 or out['label'].shape != out['image'].shape[:2]:
       raise ValueError(f'transform gave image {out["image"].shape} and label '
                        f'{out["label"].shape}; expected (h, w, 3) and (h, w)')
@@ -137,6 +147,20 @@ def _ensure_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+_LIVE = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  """Stops worker processes of iterators never closed, while the interpreter
+  is still whole (grain's own cleanup in __del__ fails during shutdown)."""
+  for it in list(_LIVE):
+    try:
+      it.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
 class TrainIterator(grain.DatasetIterator):
   """Per-process training batches; checkpointable (get_state / set_state, and
   Orbax through grain.checkpoint via `checkpoint_args_save/restore`).
@@ -166,6 +190,7 @@ class TrainIterator(grain.DatasetIterator):
     self._with_metadata = with_metadata
     self._position = 0      # stream position of the next batch returned
     self._inner = None
+    _LIVE.add(self)
 
   # -- the grain pipeline ---------------------------------------------------
 
@@ -207,9 +232,11 @@ class TrainIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, np.ndarray]:
     batch = next(self._iterator())
     self._position += self.global_batch_size
-    # Worker outputs are grain SharedMemoryArrays: copy them out so that the
-    # shared memory is released now, not whenever the caller drops the batch.
-    return {k: np.array(v) if type(v) is not np.ndarray else v for k, v in batch.items()}
+    # Worker outputs are grain SharedMemoryArrays: copy them into ordinary memory
+    # so that the shared memory is released now (not when the caller drops the
+    # batch, nor with warnings at interpreter exit). One memcpy per batch here.
+    return {k: v.astype(np.int32) if k == 'label' else
+            v if type(v) is np.ndarray else np.array(v) for k, v in batch.items()}
 
   @property
   def position(self) -> int:

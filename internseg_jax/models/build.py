@@ -14,7 +14,7 @@ def build_backbone(model_config) -> InternViT:
   bb = model_config.backbone
   kwargs = {k: bb[k] for k in BACKBONE_KEYS}
   kwargs['out_indices'] = tuple(kwargs['out_indices'])
-  return InternViT(**kwargs, dtype=jnp.dtype(model_config.dtype),
+  return InternViT(**kwargs, sliced_scan=not bb.freeze, dtype=jnp.dtype(model_config.dtype),
                    param_dtype=jnp.dtype(model_config.param_dtype))
 
 

@@ -1,0 +1,224 @@
+"""Training: sharded step == single-device step, frozen params, resume after
+SIGKILL, multi-host (2 processes x 4 devices == 1 x 8), NaN stop, clear errors,
+and the demo learning."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from internseg_jax import api, checkpoint, sharding, train
+from internseg_jax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = ['--config=configs/demo.py:short']
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp('data') / 'ade')
+  synthetic.write_ade_folder(root, num_train=24, num_val=4, num_classes=8, size_range=(96, 140))
+  return root
+
+
+def demo_config(data_root, freeze=False, **train):
+  config = api.load_config('configs/demo.py:short')
+  config.data.root = data_root
+  config.model.backbone.freeze = freeze
+  config.train.warmup_steps = 0  # a real first step
+  config.train.update(train)
+  return config
+
+
+def run_main(workdir, *args, devices=8, env=None, wait=True):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} '
+             '--xla_backend_optimization_level=0', **(env or {}))
+  cmd = [sys.executable, '-m', 'internseg_jax.main', f'--workdir={workdir}', *args]
+  if not wait:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def train_rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r for r in map(json.loads, f) if 'loss' in r]
+
+
+def final_params(workdir, step):
+  meta = checkpoint.params_metadata(os.path.join(workdir, 'checkpoints', str(step), 'params'))
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                                       sharding=jax.sharding.SingleDeviceSharding(
+                                                           jax.devices()[0])), meta)
+  restored = checkpoint.restore_params(os.path.join(workdir, 'checkpoints', str(step), 'params'),
+                                       target)
+  return jax.tree.map(np.asarray, restored)
+
+
+def _batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  crop, n = config.data.crop_size, config.train.batch_size
+  labels = rng.integers(0, config.data.num_classes, size=(n, crop, crop)).astype(np.int32)
+  labels[:, :4] = 255
+  return {'image': rng.normal(size=(n, crop, crop, 3)).astype(np.float32), 'label': labels}
+
+
+@pytest.mark.parametrize('freeze', [False, True])
+def test_sharded_step_equals_single_device_step(data_root, freeze):
+  config = demo_config(data_root, freeze=freeze)
+  with config.unlocked():
+    config.train.eps = 1.0
+  mesh8 = sharding.make_mesh(data=2, fsdp=4)
+  trainer8 = train.Trainer(config, mesh8)
+  state8 = trainer8.initial_state()
+  qkv = state8.frozen.get('backbone/blocks/attn/qkv/kernel',
+                          state8.trainable.get('backbone/blocks/attn/qkv/kernel'))
+  assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', None)
+  mesh1 = sharding.make_mesh(devices=jax.devices()[:1])
+  trainer1 = train.Trainer(config, mesh1)
+  trainer1.initial_state()  # builds its optimizer
+  state1 = jax.device_put(jax.device_get(state8), jax.devices()[0])
+  before = jax.device_get(state8)
+  batch = _batch(config)
+  batch8 = {k: jax.device_put(v, sharding.batch_sharding(mesh8, v.ndim)) for k, v in batch.items()}
+  # The gradients agree (float32 sums in another order).
+  rng = jax.random.key(1)
+  grad = lambda trainer, state, b: jax.jit(jax.grad(
+      lambda t: trainer.loss_fn(t, state, b, rng)[0]))(state.trainable)
+  g8, g1 = grad(trainer8, state8, batch8), grad(trainer1, state1, batch)
+  norm = float(optax.global_norm(g1))
+  for k in g1:
+    np.testing.assert_allclose(np.asarray(g8[k]), np.asarray(g1[k]), rtol=1e-3, atol=1e-6 * norm,
+                               err_msg=k)
+  new8, m8 = trainer8.jit_step(state8)(state8, batch8)
+  new1, m1 = trainer1.jit_step(state1)(state1, batch)
+  np.testing.assert_allclose(float(m8['loss']), float(m1['loss']), rtol=1e-5)
+  np.testing.assert_allclose(float(m8['grad_norm']), float(m1['grad_norm']), rtol=1e-4)
+  # With eps = 1 (set above) the Adam step is ~lr * grad, linear in the gradient
+  # (with the default eps it is ~lr * sign(grad), which turns rounding noise of
+  # near-zero gradients into whole steps). Steps agree to 5 % of the leaf's
+  # largest step, plus float32 rounding of the stored parameters.
+  for k in new1.trainable:
+    if np.abs(np.asarray(g1[k])).max() < 1e-6 * norm:
+      continue  # a gradient that is zero up to rounding (a bias right before BatchNorm)
+    step8 = np.asarray(new8.trainable[k], np.float64) - before.trainable[k]
+    step1 = np.asarray(new1.trainable[k], np.float64) - before.trainable[k]
+    ulp = 3 * np.spacing(np.maximum(np.abs(before.trainable[k]), np.abs(
+        np.asarray(new1.trainable[k]))).astype(np.float32)).astype(np.float64)
+    bound = 0.05 * np.abs(step1).max() + ulp
+    assert np.all(np.abs(step8 - step1) <= bound), k
+    assert not np.array_equal(np.asarray(new1.trainable[k]), before.trainable[k]) or \
+        'gamma' in k or k.endswith('bias'), f'{k} did not change'
+  if freeze:
+    assert all(k.startswith('backbone/') for k in new8.frozen) and new8.frozen
+    assert not any(k.startswith('backbone/') for k in new8.trainable)
+    for k, v in new8.frozen.items():
+      assert v.dtype == np.dtype('bfloat16')
+      np.testing.assert_array_equal(np.asarray(v), before.frozen[k])
+    assert not any(k.startswith('backbone/') for k in optim_paths(new8.opt_state))
+
+
+def optim_paths(opt_state):
+  return {p[-1].key for p, _ in jax.tree_util.tree_flatten_with_path(opt_state)[0]
+          if hasattr(p[-1], 'key')}
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(data_root, tmp_path):
+  args = [*DEMO, f'--config.data.root={data_root}', '--config.train.steps=24',
+          '--config.train.checkpoint_every=8', '--config.train.log_every=4',
+          '--config.predict.after_train=0']
+  full = tmp_path / 'full'
+  result = run_main(full, *args)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  killed = tmp_path / 'killed'
+  proc = run_main(killed, *args, wait=False)
+  deadline = time.time() + 300
+  while not (killed / 'checkpoints' / '16').exists():  # killed after its second checkpoint
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  # A checkpoint interrupted while being written: an Orbax temporary folder.
+  partial = killed / 'checkpoints' / '20.orbax-checkpoint-tmp-1234'
+  shutil.copytree(killed / 'checkpoints' / '16', partial)
+  shutil.rmtree(partial / 'opt_state')
+  result = run_main(killed, *args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'resuming from' in result.stderr
+
+  want, got = train_rows(full), train_rows(killed)
+  assert [r['step'] for r in want][-1] == 24
+  last = {r['step']: r['loss'] for r in got}
+  for r in want:
+    np.testing.assert_allclose(last[r['step']], r['loss'], rtol=1e-6, err_msg=f"step {r['step']}")
+  a, b = final_params(full, 24), final_params(killed, 24)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  out = json.loads((full / 'eval_results.json').read_text())
+  assert out['mIoU'] > 0.3  # the demo learns: chance is ~0.06 for 8 classes
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(data_root, tmp_path):
+  args = [*DEMO, f'--config.data.root={data_root}', '--config.train.steps=6',
+          '--config.train.log_every=1', '--config.train.checkpoint_every=6',
+          '--config.predict.after_train=0', '--config.eval.limit=2']
+  single = tmp_path / 'single'
+  result = run_main(single, *args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  multi = tmp_path / 'multi'
+  port = free_port()
+  procs = [run_main(multi, *args, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+                    f'--process_id={i}', devices=4, wait=False,
+                    env={'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo'}) for i in range(2)]
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  want, got = train_rows(single), train_rows(multi)
+  assert len(want) == len(got) == 6
+  for a, b in zip(want, got):
+    np.testing.assert_allclose(b['loss'], a['loss'], rtol=1e-4)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path):
+  result = run_main(tmp_path, *DEMO, f'--config.data.root={data_root}',
+                    '--config.train.steps=20', '--config.train.checkpoint_every=2',
+                    '--config.train.log_every=2', '--config.train.warmup_steps=0',
+                    '--config.train.lr=1e30')
+  assert result.returncode != 0
+  assert 'non-finite loss or parameters' in result.stderr
+  steps = sorted(int(p) for p in os.listdir(tmp_path / 'checkpoints') if p.isdigit())
+  for step in steps:  # whatever was kept is finite
+    params = final_params(tmp_path, step)
+    assert all(np.isfinite(x.astype(np.float32)).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--config.train.stepz=3'], 'stepz'),
+    (['--config.init.pretrained=/no/such/checkpoint'], '/no/such/checkpoint does not exist'),
+])
+def test_bad_settings_fail_clearly(data_root, tmp_path, args, message):
+  result = run_main(tmp_path, *DEMO, f'--config.data.root={data_root}', *args)
+  assert result.returncode != 0 and message in result.stderr
+
+
+def test_empty_dataset_folder_fails_clearly(tmp_path):
+  root = tmp_path / 'empty'
+  for sub in ('images/training', 'annotations/training', 'images/validation',
+              'annotations/validation'):
+    (root / sub).mkdir(parents=True)
+  result = run_main(tmp_path / 'wd', *DEMO, f'--config.data.root={root}')
+  assert result.returncode != 0 and 'holds no images' in result.stderr
