@@ -28,10 +28,9 @@ SMOKE = dict(width=128, depth=4, heads=2, size=56, batch=2, pretrain=28, iters=2
 
 
 def forward_flops(width, depth, size, patch=14, mlp_ratio=4, **_):
-  """Matmul FLOPs of one image: qkv + proj + MLP + attention, and the patch conv."""
-  n = 1 + (size // patch) ** 2
-  per_block = 2 * n * width * width * (3 + 1 + 2 * mlp_ratio) + 4 * n * n * width
-  return depth * per_block + 2 * (n - 1) * 3 * patch * patch * width
+  """Matmul FLOPs of one image (internseg_jax.models.intern_vit.forward_flops)."""
+  from internseg_jax.models.intern_vit import forward_flops as flops
+  return flops(width, depth, size, patch_size=patch, mlp_ratio=mlp_ratio)
 
 
 def timed(fn, iters, sync):

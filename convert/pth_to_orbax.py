@@ -26,6 +26,7 @@ from configs.common import VARIANTS
 from convert import name_map, segmentor, torch_io
 from convert.torch_io import ConversionError
 from internseg_jax import checkpoint
+from internseg_jax.trees import flatten, unflatten
 from internseg_jax.models.intern_vit import InternViT
 from internseg_jax.models.resize import resize_pos_embed
 
@@ -95,11 +96,6 @@ def expected_tree(arch: dict, num_heads: int):
   return shapes['params']
 
 
-def _flat(tree):
-  return {'/'.join(str(k.key) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def check_keys(sd, rows, expected, prefix: str = '', other_prefixes=()) -> None:
   """Strict: every missing, unexpected or mis-shaped key, in one message."""
   problems, wanted = [], set()
@@ -125,7 +121,7 @@ def backbone_tree(sd, arch: dict, num_heads: int, img_size: int, mapped: bool,
                   prefix: str = ''):
   """Our backbone tree: small tensors as numpy copies, stacked block params as
   LazyStacks that read, transpose and release one block at a time."""
-  expected = _flat(expected_tree(arch, num_heads))
+  expected = flatten(expected_tree(arch, num_heads))
   rows = list(name_map.backbone_rows(arch['depth'], prefix))
   check_keys(sd, rows, expected, prefix)
   grid = img_size // arch['patch_size']
@@ -152,14 +148,7 @@ def backbone_tree(sd, arch: dict, num_heads: int, img_size: int, mapped: bool,
 
     flat['blocks/' + path] = checkpoint.LazyStack(arch['depth'], first.shape, first.dtype,
                                                   get_slice, written)
-  tree = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
+  return unflatten(flat)
 
 
 def materialize(tree):
@@ -190,12 +179,8 @@ def build_variables(sd, config=None, mapped: bool = False):
   if kind == 'segmentor':
     heads = segmentor.detect_heads(sd)
     model = segmentor.model_config(arch, heads, num_heads, img_size, config)
-    for path, value in segmentor.heads_variables(sd, model).items():
-      node = tree
-      *parents, leaf = path.split('/')
-      for p in parents:
-        node = node.setdefault(p, {})
-      node[leaf] = value
+    for collection, modules in unflatten(segmentor.heads_variables(sd, model)).items():
+      tree.setdefault(collection, {}).update(modules)
     found['heads'] = heads
   return tree, found
 

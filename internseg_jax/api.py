@@ -19,6 +19,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from internseg_jax import checkpoint, sharding
+from internseg_jax.trees import flatten, unflatten
 from internseg_jax.models.build import build_backbone, build_segmentor, module_inits
 from internseg_jax.models.resize import resize_pos_embed
 from internseg_jax.models.segmentor import Segmentor, upsample_logits
@@ -103,21 +104,6 @@ def random_variables(module: Segmentor, mesh: Mesh, seed: int = 0, only=None):
   return jax.jit(init, out_shardings=out_shardings)(jax.random.key(seed))
 
 
-def _flat(tree):
-  return {sharding.path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _unflat(flat):
-  tree = {}
-  for name, value in flat.items():
-    node = tree
-    *parents, leaf = name.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
 def _module_of(name):
   return name.split('/')[1]
 
@@ -130,7 +116,7 @@ def load_variables(path, target, required=('backbone',)):
   returned as missing (an error if listed in `required`).
   Returns (flat dict of restored arrays, sorted missing module names)."""
   params_dir = checkpoint.find_params_dir(path)
-  stored, wanted = _flat(checkpoint.params_metadata(params_dir)), _flat(target)
+  stored, wanted = flatten(checkpoint.params_metadata(params_dir)), flatten(target)
   present = {_module_of(k) for k in stored}
   missing_modules = sorted({_module_of(k) for k in wanted} - present)
   missing = sorted(k for k in set(wanted) - set(stored) if _module_of(k) in present)
@@ -152,8 +138,8 @@ def load_variables(path, target, required=('backbone',)):
                                   sharding=NamedSharding(t.sharding.mesh, P()))
     return t
 
-  restored = _flat(checkpoint.restore_params(
-      params_dir, _unflat({k: restore_target(k) for k in stored})))
+  restored = flatten(checkpoint.restore_params(
+      params_dir, unflatten({k: restore_target(k) for k in stored})))
   for name in resized:
     logging.info('resizing %s from %s to %s', name, stored[name].shape, wanted[name].shape)
     n = wanted[name].shape[1] - 1
@@ -171,8 +157,8 @@ def init_variables(module: Segmentor, mesh: Mesh, checkpoint=None, seed: int = 0
   (e.g. a frozen backbone kept in bf16); restores cast while reading."""
   target = abstract_variables(module, mesh)
   if dtype_of is not None:
-    target = _unflat({k: jax.ShapeDtypeStruct(t.shape, dtype_of(k) or t.dtype, sharding=t.sharding)
-                      for k, t in _flat(target).items()})
+    target = unflatten({k: jax.ShapeDtypeStruct(t.shape, dtype_of(k) or t.dtype, sharding=t.sharding)
+                      for k, t in flatten(target).items()})
   if checkpoint:
     restored, missing = load_variables(checkpoint, target)
     if missing:
@@ -181,12 +167,12 @@ def init_variables(module: Segmentor, mesh: Mesh, checkpoint=None, seed: int = 0
     logging.info('no checkpoint given: random parameters')
     restored, missing = {}, None
   if missing is None or missing:
-    flat_target = _flat(target)
-    fresh = _flat(random_variables(module, mesh, seed, only=missing))
+    flat_target = flatten(target)
+    fresh = flatten(random_variables(module, mesh, seed, only=missing))
     cast = jax.jit(lambda x: {k: v.astype(flat_target[k].dtype) for k, v in x.items()},
                    out_shardings={k: flat_target[k].sharding for k in fresh})
     restored.update(cast(fresh))
-  return _unflat(restored)
+  return unflatten(restored)
 
 
 def init_model(config, checkpoint=None, mesh: Mesh | None = None) -> Model:

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from internseg_jax.trees import flatten
+
 # Parameter path -> trainable? One rule for freezing: a frozen backbone keeps
 # only its neck and heads (which live outside `backbone/`) trainable.
 FROZEN_BACKBONE = re.compile(r'^backbone/')
@@ -92,22 +94,6 @@ def make_optimizer(train_config, trainable: dict, depth: int):
   if t.get('grad_clip'):
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
   return tx, schedule
-
-
-def flatten(tree) -> dict:
-  return {'/'.join(str(k.key) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def unflatten(flat: dict) -> dict:
-  tree = {}
-  for path, value in flat.items():
-    node = tree
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
 
 
 def split_trainable(params, freeze_backbone: bool):

@@ -11,6 +11,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from internseg_jax.trees import path_name
+
 # Parameter path (joined with '/') -> spec. First match wins. Stacked block params
 # carry a leading depth axis that is never sharded.
 PARAM_RULES: Sequence[tuple[str, P]] = (
@@ -38,10 +40,6 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   if data * fsdp != n:
     raise ValueError(f'mesh data={data} x fsdp={fsdp} does not use all {n} devices')
   return Mesh(devices.reshape(data, fsdp), ('data', 'fsdp'))
-
-
-def path_name(path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
 
 
 def spec_for(name: str, shape: Sequence[int], mesh: Mesh) -> P:

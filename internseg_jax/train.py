@@ -23,8 +23,10 @@ from absl import logging
 from etils import epath
 
 from internseg_jax import api, checkpoint, evaluate, optim, sharding
+from internseg_jax.trees import flatten, unflatten
 from internseg_jax.data import sources, subsets, transforms
 from internseg_jax.models.build import build_segmentor
+from internseg_jax.models.intern_vit import forward_flops
 from internseg_jax.models.segmentor import segmentation_loss
 from internseg_jax import train_logging
 
@@ -39,7 +41,7 @@ class TrainState:
   rng: jax.Array       # raw uint32 key data
 
   def variables(self):
-    return {'params': optim.unflatten({**self.trainable, **self.frozen}),
+    return {'params': unflatten({**self.trainable, **self.frozen}),
             'batch_stats': self.batch_stats}
 
 
@@ -93,8 +95,8 @@ class Trainer:
     """Shapes, dtypes and shardings of the state, without creating it (resume)."""
     target = api.abstract_variables(self.module, self.mesh)
     flat = {k: jax.ShapeDtypeStruct(t.shape, self.frozen_dtype(k) or t.dtype, sharding=t.sharding)
-            for k, t in optim.flatten(target).items()}
-    trainable, frozen = optim.split_trainable(optim.unflatten(flat)['params'], self.freeze)
+            for k, t in flatten(target).items()}
+    trainable, frozen = optim.split_trainable(unflatten(flat)['params'], self.freeze)
     self._optimizer(trainable)
     opt_shapes = jax.eval_shape(self.tx.init, trainable)
     opt_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
@@ -102,10 +104,10 @@ class Trainer:
     rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
     scalar = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated)
     return TrainState(scalar(jax.ShapeDtypeStruct((), jnp.int32)), trainable, frozen,
-                      optim.unflatten(flat)['batch_stats'], opt_state, scalar(rng))
+                      unflatten(flat)['batch_stats'], opt_state, scalar(rng))
 
   def loss_fn(self, trainable, state, batch, rng):
-    params = optim.unflatten({**trainable, **state.frozen})
+    params = unflatten({**trainable, **state.frozen})
     outputs, updates = self.module.apply(
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'], train=True,
         rngs={'dropout': rng}, mutable=['batch_stats'])
@@ -154,14 +156,14 @@ def save_args(state: TrainState, loader):
 
 def restore(manager, step: int, abstract: TrainState, loader) -> TrainState:
   from internseg_jax.data import pipeline
-  variables = {'params': optim.unflatten({**abstract.trainable, **abstract.frozen}),
+  variables = {'params': unflatten({**abstract.trainable, **abstract.frozen}),
                'batch_stats': abstract.batch_stats}
   restored = manager.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(variables),
       opt_state=ocp.args.StandardRestore(abstract.opt_state),
       state=ocp.args.StandardRestore({'step': abstract.step, 'rng': abstract.rng}),
       data=pipeline.checkpoint_args_restore(loader)))
-  flat = optim.flatten(restored.params['params'])
+  flat = flatten(restored.params['params'])
   return TrainState(restored.state['step'], {k: flat[k] for k in abstract.trainable},
                     {k: flat[k] for k in abstract.frozen}, restored.params['batch_stats'],
                     restored.opt_state, restored.state['rng'])
@@ -215,13 +217,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   iterator = iter(loader)
   start, total = int(state.step), config.train.steps
   log.start(start, total, describe(trainer, state))
+  log.flops_per_step = model_flops_per_device(config)
   last_good = latest
   step_fn = None
   for step in range(start, total):
     batch = pipeline.to_global(next(iterator), mesh)
-    if step_fn is None:  # compiled ahead of time, so its FLOP count can be logged
-      step_fn = trainer.jit_step(state).lower(state, batch).compile()
-      log.flops_per_step = compiled_flops(step_fn)
+    if step_fn is None:
+      step_fn = trainer.jit_step(state)
     state, metrics = step_fn(state, batch)
     done = step + 1
     at_log = done % config.train.log_every == 0 or done == total
@@ -271,14 +273,16 @@ def save_best(workdir: str, state: TrainState, step: int, result: dict) -> None:
       epath.Path(old).rmtree()
 
 
-def compiled_flops(compiled) -> float | None:
-  """FLOPs of one step on one device, from XLA's cost analysis (if available)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # not every backend implements it
-    return None
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get('flops', 0.0)) if cost else None
+def model_flops_per_device(config) -> float:
+  """The backbone's matmul FLOPs per step and device, as MFU counts them: the
+  forward through the blocks that run, x3 when they are trained (backward),
+  remat's recomputation and the heads not counted. (XLA's cost analysis counts a
+  scan's body once, so it cannot be used here.)"""
+  bb, d = config.model.backbone, config.data
+  blocks = max(int(i) % bb.depth for i in bb.out_indices) + 1
+  flops = forward_flops(bb.embed_dim, blocks, d.crop_size, patch_size=bb.patch_size,
+                        mlp_ratio=bb.mlp_ratio)
+  return flops * (1 if bb.freeze else 3) * config.train.batch_size / jax.device_count()
 
 
 def describe(trainer: Trainer, state: TrainState) -> dict:

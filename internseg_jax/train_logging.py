@@ -16,7 +16,7 @@ class Logger:
     self.workdir, self.config, self.enabled = workdir, config, enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.best_miou = -1.0
-    self.flops_per_step = None  # per device, from the compiled step
+    self.flops_per_step = None  # backbone model FLOPs per step and device
     self.bar = self.tb = None
     if enabled and os.path.exists(self.path):  # a resumed run continues the file
       for row in self.rows():
