@@ -120,7 +120,7 @@ def test_set_state_refuses_another_stream(source):
 
 
 def test_orbax_checkpoint_manager(source, tmp_path):
-  ocp = pytest.importorskip('orbax.checkpoint')
+  import orbax.checkpoint as ocp
   with loader(source) as it:
     want = take(it, 6)
   options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
