@@ -99,20 +99,14 @@ def heads_variables(sd, model) -> dict:
   """Flat numpy variables of the neck and heads, strictly checked."""
   expected = expected_heads(model)
   rows = {path: (key, t) for path, key, t in name_map.NECK}
+  neck = {key: (path, t) for path, key, t in name_map.NECK}
   problems = []
   for key in sorted(k for k in sd if k.startswith(HEAD_PREFIXES + NECK_PREFIXES)):
-    if key.startswith(NECK_PREFIXES):
-      found = [(p, t) for p, (k, t) in rows.items() if k == key]
-      mapped = found[0] if found else None
-      if not found:
-        problems.append(f'unexpected: {key} {tuple(sd[key].shape)}')
-        continue
-    else:
-      try:
-        mapped = name_map.head_path(key)
-      except KeyError:
-        problems.append(f'unexpected: {key} {tuple(sd[key].shape)}')
-        continue
+    try:
+      mapped = neck[key] if key.startswith(NECK_PREFIXES) else name_map.head_path(key)
+    except KeyError:
+      problems.append(f'unexpected: {key} {tuple(sd[key].shape)}')
+      continue
     if mapped is not None:
       rows[mapped[0]] = (key, mapped[1])
   out = {}

@@ -8,7 +8,6 @@ Checkpoints (Orbax, asynchronous, atomic) hold the variables (`params/`, the
 same layout as a converter output), the optimizer state, the step and RNG, and
 the data iterator, so a rerun with the same workdir resumes exactly.
 """
-import functools
 import os
 import time
 from typing import Any
@@ -176,14 +175,10 @@ def make_loader(config, workdir: str):
   if d.fraction > 1:  # a seeded subset, its file list written (and reread on resume)
     source = subsets.fewshot_source(source, d.fraction, d.subset_seed, workdir,
                                     write=jax.process_index() == 0)
-  transform = functools.partial(
-      transforms.train_transform, crop_size=d.crop_size, scale=tuple(d.scale),
-      ratio_range=tuple(d.ratio_range), cat_max_ratio=d.cat_max_ratio, flip_prob=d.flip_prob,
-      photometric=d.photometric)
   logging.info('training on %d images (%s)', len(source), d.root)
   return pipeline.train_loader(
       source, global_batch_size=config.train.batch_size, seed=config.train.seed,
-      transform=transform, num_workers=d.num_workers, prefetch=d.prefetch,
+      transform=pipeline.config_transform(d), num_workers=d.num_workers, prefetch=d.prefetch,
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
