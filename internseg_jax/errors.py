@@ -24,3 +24,7 @@ class ConversionError(InternSegError, ValueError):
 
 class WeightsError(InternSegError, ValueError):
   """A checkpoint that does not exist or does not fit the model."""
+
+
+class NonFiniteError(InternSegError, FloatingPointError):
+  """Training produced a NaN/Inf loss or parameters; the last good checkpoint is kept."""

@@ -13,17 +13,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from internseg_jax.data.ade20k_meta import CLASSES
-
-
-def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-  """mmseg's `reduce_zero_label`: 0 -> 255, k -> k-1, and 255 stays 255."""
-  label = np.asarray(label).astype(np.int64)
-  zero = label == 0
-  label = label - 1
-  label[zero] = 255
-  label[label == 254] = 255  # what was 255 (ignore) before the shift
-  return label
+from internseg_jax.data.ade20k_meta import class_names as default_names
+from internseg_jax.data.transforms import reduce_zero_label
 
 
 class IoUAccumulator:
@@ -159,7 +150,7 @@ def format_table(result: dict, class_names: Optional[Sequence[str]] = None) -> s
   iou = np.asarray(result['IoU'], np.float64)
   acc = np.asarray(result.get('Acc', np.full_like(iou, np.nan)), np.float64)
   if class_names is None:
-    class_names = CLASSES if len(iou) == len(CLASSES) else [str(i) for i in range(len(iou))]
+    class_names = default_names(len(iou))
   if len(class_names) != len(iou):
     raise ValueError(f'{len(class_names)} class names for {len(iou)} classes')
   rows = [(str(n).strip(), _pct(i), _pct(a)) for n, i, a in zip(class_names, iou, acc)]

@@ -10,24 +10,13 @@ AdamW (0.9, 0.999, eps 1e-8) with:
 - no weight decay for biases and 1-D parameters (norm scales, layer scale,
   BatchNorm); pos_embed and cls_token do decay, as in the reference.
 Trainable parameters are a flat dict {'backbone/blocks/attn/qkv/kernel': array};
-frozen ones are kept out of the optimizer entirely.
+frozen ones (internseg_jax.freeze) are kept out of the optimizer entirely.
 """
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-from internseg_jax.trees import flatten
-
-# Parameter path -> trainable? One rule for freezing: a frozen backbone keeps
-# only its neck and heads (which live outside `backbone/`) trainable.
-FROZEN_BACKBONE = re.compile(r'^backbone/')
-
-
-def is_trainable(path: str, freeze_backbone: bool) -> bool:
-  return not (freeze_backbone and FROZEN_BACKBONE.match(path))
 
 
 def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int, warmup_ratio: float = 1e-6,
@@ -84,21 +73,14 @@ def make_optimizer(train_config, trainable: dict, depth: int):
 
   Returns (optax transformation, schedule)."""
   t = train_config
-  schedule = lr_schedule(t.lr, t.steps, t.warmup_steps, t.get('warmup_ratio', 1e-6))
+  schedule = lr_schedule(t.lr, t.steps, t.warmup_steps, t.warmup_ratio)
   tx = optax.chain(
-      optax.scale_by_adam(b1=t.get('b1', 0.9), b2=t.get('b2', 0.999), eps=t.get('eps', 1e-8)),
+      optax.scale_by_adam(b1=t.b1, b2=t.b2, eps=t.eps),
       optax.add_decayed_weights(t.weight_decay, mask=decay_mask(trainable)),
       scale_by_tree(lr_scales(trainable, depth, t.layer_decay)),
       optax.scale_by_learning_rate(schedule),
   )
-  if t.get('grad_clip'):
+  if t.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
   return tx, schedule
 
-
-def split_trainable(params, freeze_backbone: bool):
-  """Nested params -> (trainable flat dict, frozen flat dict)."""
-  flat = flatten(params)
-  trainable = {k: v for k, v in flat.items() if is_trainable(k, freeze_backbone)}
-  frozen = {k: v for k, v in flat.items() if k not in trainable}
-  return trainable, frozen

@@ -5,9 +5,13 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+import jax
+
 from internseg_jax import api, visualize
-from internseg_jax.data.ade20k_meta import CLASSES
-from internseg_jax.data.sources import IMAGE_EXTS, DataError, read_image
+from internseg_jax.data import sources
+from internseg_jax.data.ade20k_meta import class_names
+from internseg_jax.data.sources import IMAGE_EXTS, read_image
+from internseg_jax.errors import DataError
 
 
 def list_inputs(path: str) -> list[str]:
@@ -24,15 +28,20 @@ def list_inputs(path: str) -> list[str]:
   return [path]
 
 
-def class_names(num_classes: int):
-  return CLASSES if num_classes == len(CLASSES) else tuple(str(i) for i in range(num_classes))
-
-
-def predict_files(model: api.Model, files, out_dir: str, alpha: float = 0.5,
-                  write: bool = True) -> list[str]:
-  """Predictions for image files (see `predict_images`)."""
+def predict_files(model: api.Model, files, out_dir: str) -> list[str]:
+  """Predictions for image files (see `predict_images`); process 0 writes."""
   items = ((os.path.splitext(os.path.basename(p))[0], read_image(p)) for p in files)
-  return predict_images(model, items, out_dir, alpha, write, total=len(files))
+  return predict_images(model, items, out_dir, model.config.predict.alpha,
+                        jax.process_index() == 0, total=len(files))
+
+
+def predict_validation(model: api.Model, count: int, out_dir: str) -> list[str]:
+  """Predictions for the first `count` validation images of `model.config.data`."""
+  val = sources.make_source(model.config.data, 'validation')
+  count = min(count, len(val))
+  items = ((val[i]['name'], val[i]['image']) for i in range(count))
+  return predict_images(model, items, out_dir, model.config.predict.alpha,
+                        jax.process_index() == 0, total=count)
 
 
 def predict_images(model: api.Model, items, out_dir: str, alpha: float = 0.5,
@@ -40,7 +49,7 @@ def predict_images(model: api.Model, items, out_dir: str, alpha: float = 0.5,
   """For (name, uint8 RGB image) pairs, writes NAME_labels.png (class indices)
   and NAME_overlay.png (ADE palette and a legend of the classes present);
   returns the overlay paths."""
-  names = class_names(model.config.model.decode_head.num_classes)
+  names = class_names(model.config.model.decode_head.num_classes, model.config.data.class_names)
   written = []
   for stem, image in tqdm(items, desc='predict', unit='img', total=total, disable=not write):
     labels = api.inference_model(model, image)

@@ -11,7 +11,6 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from internseg_jax.trees import path_name
 
 # Parameter path (joined with '/') -> spec. First match wins. Stacked block params
 # carry a leading depth axis that is never sharded.
@@ -61,9 +60,9 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh) -> P:
 
 def param_shardings(abstract_params, mesh: Mesh):
   """A tree of NamedShardings for a tree of arrays or ShapeDtypeStructs."""
+  name = lambda path: jax.tree_util.keystr(path, simple=True, separator='/')
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: NamedSharding(mesh, spec_for(path_name(path), x.shape, mesh)),
-      abstract_params)
+      lambda path, x: NamedSharding(mesh, spec_for(name(path), x.shape, mesh)), abstract_params)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 4) -> NamedSharding:

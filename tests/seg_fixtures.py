@@ -21,7 +21,8 @@ def tiny_config(kind: str, aux_in_index: int = 2):
   if kind == 'uper':
     bb.out_indices, bb.with_fpn = [0, 1, 2, 3], True
     head.type, head.dropout = 'uper', 0.1
-    config.model.auxiliary_head = dict(channels=CHANNELS, in_index=aux_in_index, loss_weight=0.4)
+    config.model.auxiliary_head = dict(channels=CHANNELS, in_index=aux_in_index, loss_weight=0.4,
+                                       dropout=0.1)
   else:
     bb.out_indices = [DEPTH - 2]
   config.eval.crop_size, config.eval.stride = CROP, 42
@@ -52,6 +53,12 @@ def save_mmseg(model, path, dtype=None):
             else v) for k, v in model.state_dict().items()}
   torch.save({'meta': {'mmseg_version': '0.27.0', 'iter': 80000}, 'state_dict': sd}, path)
   return path
+
+
+def variables_from_torch(model, config):
+  """Our variables (numpy) of a reference segmentor, through the converter's map."""
+  from convert.pth_to_orbax import state_dict_to_variables
+  return state_dict_to_variables(model.state_dict(), config)
 
 
 def torch_logits(model, images_nhwc: np.ndarray) -> np.ndarray:

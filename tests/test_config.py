@@ -1,8 +1,57 @@
-"""Config files: variants, arguments and clear errors for typos."""
+"""Config files: the original's recipe for every config x variant, one source
+per value, arguments, and clear errors for typos and impossible values."""
 import pytest
 
 from configs import common, features
-from internseg_jax import api
+from internseg_jax import config as config_lib
+from internseg_jax.errors import ConfigError
+from tests.reference.original_configs import COMMON, CONFIGS
+
+
+@pytest.mark.parametrize('name,variant', sorted(CONFIGS))
+def test_every_config_and_variant_has_the_original_recipe(name, variant):
+  want = CONFIGS[(name, variant)]
+  path, _, fraction = name.partition(':')
+  arg = ','.join(filter(None, [fraction, variant]))
+  c = config_lib.load_config(f'configs/{path}.py:{arg}')
+  bb, t, ev = c.model.backbone, c.train, c.eval
+  assert (bb.depth, bb.pretrain_size, bb.embed_dim, bb.num_heads) == (
+      want['depth'], want['pretrain_size'], 3200, 25)
+  assert list(bb.out_indices) == want['out_indices']
+  assert bb.drop_path_rate == want['drop_path'] and bb.freeze == want['freeze']
+  assert (t.lr, t.weight_decay, t.layer_decay) == (COMMON['lr'], want['weight_decay'],
+                                                   want['layer_decay'])
+  assert (t.steps, t.warmup_steps, t.warmup_ratio) == (want['steps'], want['warmup'], 1e-6)
+  assert (t.b1, t.b2, t.eps, t.batch_size) == (0.9, 0.999, 1e-8, COMMON['batch'])
+  assert (t.eval_every, t.checkpoint_every, t.max_to_keep) == (
+      COMMON['eval_every'], COMMON['checkpoint_every'], COMMON['max_keep'])
+  assert (ev.mode, ev.crop_size, ev.stride, tuple(ev.scale)) == (
+      'slide', COMMON['crop'], COMMON['stride'], COMMON['scale'])
+  assert ev.resize == want['resize'] and ev.size_divisor == 14
+  assert (c.data.crop_size, bb.img_size, tuple(c.data.scale)) == (504, 504, COMMON['scale'])
+  assert c.model.decode_head.type == want['head'] and c.model.decode_head.num_classes == 150
+  aux = c.model.auxiliary_head
+  assert (None if aux is None else aux.in_index) == want['aux']
+  if want['head'] == 'uper':
+    assert bb.with_fpn and c.model.decode_head.channels == 1536 and aux.loss_weight == 0.4
+  assert c.data.fraction == want.get('fraction', 1)
+  config_lib.validate(c)
+
+
+@pytest.mark.parametrize('variant', ['448_v1_0', '448_v2_5'])
+def test_no_448px_few_shot_in_the_original(variant):
+  with pytest.raises(ConfigError, match='no 448'):
+    config_lib.load_config(f'configs/fewshot.py:1of8,{variant}')
+
+
+def test_one_source_per_value():
+  c = config_lib.load_config('configs/upernet_full.py:224,tiny')
+  c.data.crop_size = 70
+  assert c.eval.crop_size == c.model.backbone.img_size == 70
+  c.eval.scale = (280, 70)
+  assert tuple(c.data.scale) == (280, 70)
+  c.model.decode_head.num_classes = 9
+  assert c.data.num_classes == 9
 
 
 @pytest.mark.parametrize('variant,depth,pretrain', [
@@ -15,7 +64,7 @@ def test_variants(variant, depth, pretrain):
 
 
 def test_arguments_and_tiny_mode():
-  config = api.load_config('configs/features.py:448_v2_5,tiny,img_size=70')
+  config = config_lib.load_config('configs/features.py:448_v2_5,tiny,img_size=70')
   bb = config.model.backbone
   assert (bb.img_size, bb.depth, bb.embed_dim, bb.pretrain_size) == (70, 4, 64, 448)
 
@@ -23,7 +72,7 @@ def test_arguments_and_tiny_mode():
 @pytest.mark.parametrize('arg,match', [('depht=3', 'unknown config argument'),
                                        ('variant=999', 'unknown variant')])
 def test_bad_arguments_are_errors(arg, match):
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(ConfigError, match=match):
     features.get_config(arg)
 
 
@@ -34,5 +83,28 @@ def test_misspelt_key_is_an_error():
 
 
 def test_missing_config_file():
-  with pytest.raises(FileNotFoundError, match='not found'):
-    api.load_config('configs/nope.py')
+  with pytest.raises(ConfigError, match='not found'):
+    config_lib.load_config('configs/nope.py')
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('model.decode_head.type', 'upernet', "must be one of 'linear', 'uper'"),
+    ('eval.mode', 'sliding', "eval.mode='sliding': must be one of 'slide', 'whole'"),
+    ('data.source', 'tfrecord', 'data.source'),
+    ('model.backbone.remat', 'some', 'model.backbone.remat'),
+    ('model.backbone.out_indices', [48], 'block indices in 0..47'),
+    ('model.auxiliary_head.in_index', 4, 'must index one of the 4 feature maps'),
+    ('eval.stride', 0, 'eval.stride=0'),
+    ('train.accumulate', 3, 'must divide train.batch_size'),
+    ('mesh.fsdp', 0, 'mesh.fsdp=0'),
+    ('data.crop_size', 500, 'multiple of model.backbone.patch_size'),
+])
+def test_validate_names_the_key_and_allowed_values(key, value, match):
+  c = config_lib.load_config('configs/upernet_frozen.py:224')
+  node = c
+  *parents, leaf = key.split('.')
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=match):
+    config_lib.validate(c)

@@ -1,13 +1,14 @@
 """The optimizer recipe vs mmcv's formulas, written out here from DESIGN.md A3."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
+from configs import common
 from convert import name_map
 from internseg_jax import optim
+from internseg_jax.freeze import FreezePolicy
 from tests import seg_fixtures as fx
 
 
@@ -89,11 +90,21 @@ def test_layer_scales_and_decay_mask_match_the_reference(depth, rate):
     assert np.isclose(float(scales['decode_head/conv_seg/kernel']), 1.0)
 
 
-def test_freeze_rule_keeps_the_neck_and_heads_trainable():
-  assert not optim.is_trainable('backbone/blocks/attn/qkv/kernel', True)
-  assert optim.is_trainable('neck/up1_0/kernel', True)
-  assert optim.is_trainable('decode_head/conv_seg/kernel', True)
-  assert optim.is_trainable('backbone/blocks/attn/qkv/kernel', False)
+def test_freeze_policy_keeps_the_neck_adapter_and_heads_trainable():
+  frozen = FreezePolicy(True, jnp.dtype('bfloat16'), 'xla', jnp.dtype('float32'))
+  trained = FreezePolicy(False, jnp.dtype('bfloat16'), 'xla', jnp.dtype('float32'))
+  for path in ('backbone/blocks/attn/qkv/kernel', 'backbone/pos_embed', 'backbone/cls_token',
+               'backbone/patch_embed/kernel'):
+    assert not frozen.is_trainable(path) and trained.is_trainable(path)
+  for path in ('neck/up1_0/kernel', 'decode_head/conv_seg/kernel', 'backbone/spm/stem_0/kernel',
+               'backbone/level_embed', 'backbone/interactions_0/injector/gamma'):
+    assert frozen.is_trainable(path)
+  assert frozen.storage_dtype('params/backbone/blocks/mlp/fc1/kernel', 'float32') == jnp.bfloat16
+  assert frozen.storage_dtype('params/neck/up1_0/kernel', 'float32') == jnp.float32
+  assert frozen.storage_dtype('batch_stats/decode_head/norm/mean', 'float32') == jnp.float32
+  assert trained.storage_dtype('params/backbone/blocks/mlp/fc1/kernel', 'float32') == jnp.float32
+  assert frozen.attention_choice(training=True) == ('xla', 0)
+  assert not frozen.sliced_scan and trained.sliced_scan
 
 
 def test_adamw_step_matches_torch():
@@ -106,8 +117,8 @@ def test_adamw_step_matches_torch():
             'decode_head/conv_seg/kernel': rng.normal(size=(1, 1, 4, 2)).astype(np.float32)}
   grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
            for _ in range(2)]
-  train = ml_collections.ConfigDict(dict(lr=1e-2, steps=10, warmup_steps=0, weight_decay=0.05,
-                                         layer_decay=0.9))
+  train = common.base_config().train
+  train.update(dict(lr=1e-2, steps=10, warmup_steps=0, weight_decay=0.05, layer_decay=0.9))
   tx, schedule = optim.make_optimizer(train, params, depth=3)
   state = tx.init(params)
   ours = dict(params)

@@ -5,6 +5,7 @@ import pytest
 
 from configs import features
 from internseg_jax import api, sharding
+from internseg_jax.models.build import build_backbone
 
 
 def _tiny_config():
@@ -44,7 +45,7 @@ def test_full_size_model_is_created_sharded_without_host_copies():
   config = features.get_config('224')
   config.model.param_dtype = 'float32'
   mesh = sharding.make_mesh(data=1, fsdp=8)
-  backbone = api.build_backbone(config.model)
+  backbone = build_backbone(config.model)
   init = lambda rng: backbone.init(rng, np.zeros((1, 14, 14, 3)))
   shapes = jax.eval_shape(init, jax.random.key(0))
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))

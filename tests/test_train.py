@@ -15,7 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from internseg_jax import api, checkpoint, sharding, train
+from internseg_jax import config as config_lib, sharding, weights
+from internseg_jax.trainer import Trainer
 from internseg_jax.data import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +31,7 @@ def data_root(tmp_path_factory):
 
 
 def demo_config(data_root, freeze=False, **train):
-  config = api.load_config('configs/demo.py:short')
+  config = config_lib.load_config('configs/demo.py:short')
   config.data.root = data_root
   config.model.backbone.freeze = freeze
   config.train.warmup_steps = 0  # a real first step
@@ -53,13 +54,13 @@ def train_rows(workdir):
     return [r for r in map(json.loads, f) if 'loss' in r]
 
 
-def final_params(workdir, step):
-  meta = checkpoint.params_metadata(os.path.join(workdir, 'checkpoints', str(step), 'params'))
+def final_params(workdir, step, folder='checkpoints'):
+  params_dir = os.path.join(workdir, folder, str(step), 'params')
+  meta = weights.params_metadata(params_dir)
   target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
                                                        sharding=jax.sharding.SingleDeviceSharding(
                                                            jax.devices()[0])), meta)
-  restored = checkpoint.restore_params(os.path.join(workdir, 'checkpoints', str(step), 'params'),
-                                       target)
+  restored = weights.restore_params(params_dir, target)
   return jax.tree.map(np.asarray, restored)
 
 
@@ -74,17 +75,15 @@ def _batch(config, seed=0):
 @pytest.mark.parametrize('freeze', [False, True])
 def test_sharded_step_equals_single_device_step(data_root, freeze):
   config = demo_config(data_root, freeze=freeze)
-  with config.unlocked():
-    config.train.eps = 1.0
+  config.train.eps = 1.0
   mesh8 = sharding.make_mesh(data=2, fsdp=4)
-  trainer8 = train.Trainer(config, mesh8)
+  trainer8 = Trainer(config, mesh8)
   state8 = trainer8.initial_state()
   qkv = state8.frozen.get('backbone/blocks/attn/qkv/kernel',
                           state8.trainable.get('backbone/blocks/attn/qkv/kernel'))
   assert qkv.sharding.spec == jax.sharding.PartitionSpec(None, 'fsdp', None)
   mesh1 = sharding.make_mesh(devices=jax.devices()[:1])
-  trainer1 = train.Trainer(config, mesh1)
-  trainer1.initial_state()  # builds its optimizer
+  trainer1 = Trainer(config, mesh1)
   state1 = jax.device_put(jax.device_get(state8), jax.devices()[0])
   before = jax.device_get(state8)
   batch = _batch(config)
@@ -92,14 +91,14 @@ def test_sharded_step_equals_single_device_step(data_root, freeze):
   # The gradients agree (float32 sums in another order).
   rng = jax.random.key(1)
   grad = lambda trainer, state, b: jax.jit(jax.grad(
-      lambda t: trainer.loss_fn(t, state, b, rng)[0]))(state.trainable)
+      lambda t: trainer.loss_fn(t, state.frozen, state.batch_stats, b, rng)[0]))(state.trainable)
   g8, g1 = grad(trainer8, state8, batch8), grad(trainer1, state1, batch)
   norm = float(optax.global_norm(g1))
   for k in g1:
     np.testing.assert_allclose(np.asarray(g8[k]), np.asarray(g1[k]), rtol=1e-3, atol=1e-6 * norm,
                                err_msg=k)
-  new8, m8 = trainer8.jit_step(state8)(state8, batch8)
-  new1, m1 = trainer1.jit_step(state1)(state1, batch)
+  new8, m8 = trainer8.jit_step()(state8, batch8)
+  new1, m1 = trainer1.jit_step()(state1, batch)
   np.testing.assert_allclose(float(m8['loss']), float(m1['loss']), rtol=1e-5)
   np.testing.assert_allclose(float(m8['grad_norm']), float(m1['grad_norm']), rtol=1e-4)
   # With eps = 1 (set above) the Adam step is ~lr * grad, linear in the gradient
@@ -131,20 +130,51 @@ def optim_paths(opt_state):
           if hasattr(p[-1], 'key')}
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(data_root, tmp_path):
+def eval_rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [r for r in map(json.loads, f) if 'mIoU' in r]
+
+
+def wait_for(path, proc, timeout=300):
+  deadline = time.time() + timeout
+  while not path.exists():
+    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+    time.sleep(0.05)
+
+
+def assert_same_run(want_dir, got_dir, step):
+  want, got = train_rows(want_dir), train_rows(got_dir)
+  assert [r['step'] for r in want][-1] == step
+  last = {r['step']: r['loss'] for r in got}
+  for r in want:
+    np.testing.assert_allclose(last[r['step']], r['loss'], rtol=1e-6, err_msg=f"step {r['step']}")
+  a, b = final_params(want_dir, step), final_params(got_dir, step)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_resume_after_sigkill_or_sigterm_equals_an_uninterrupted_run(data_root, tmp_path):
+  """Killed (SIGKILL) after a checkpoint, or stopped by SIGTERM (a checkpoint at
+  the current step, then a clean exit), a rerun continues exactly: same losses,
+  bit-identical parameters, each evaluation once, the best kept."""
   args = [*DEMO, f'--config.data.root={data_root}', '--config.train.steps=24',
           '--config.train.checkpoint_every=8', '--config.train.log_every=4',
-          '--config.predict.after_train=0']
+          '--config.train.eval_every=8', '--config.predict.after_train=0']
   full = tmp_path / 'full'
   result = run_main(full, *args)
   assert result.returncode == 0, result.stderr[-3000:]
+  evals = eval_rows(full)
+  assert [r['step'] for r in evals] == [8, 16, 24]
+  best = max(evals, key=lambda r: r['mIoU'])
+  assert os.listdir(full / 'best') == [str(best['step'])]
+  info = json.loads((full / 'best' / str(best['step']) / 'info' / 'metadata').read_text())
+  assert info == {'step': best['step'], 'mIoU': pytest.approx(best['mIoU'])}
+  out = json.loads((full / 'eval_results.json').read_text())
+  assert out['mIoU'] > 0.3  # the demo learns: chance is ~0.06 for 8 classes
 
   killed = tmp_path / 'killed'
   proc = run_main(killed, *args, wait=False)
-  deadline = time.time() + 300
-  while not (killed / 'checkpoints' / '16').exists():  # killed after its second checkpoint
-    assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
-    time.sleep(0.05)
+  wait_for(killed / 'checkpoints' / '16', proc)  # killed after its second checkpoint
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   # A checkpoint interrupted while being written: an Orbax temporary folder.
@@ -153,18 +183,23 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(data_root, tmp_path):
   shutil.rmtree(partial / 'opt_state')
   result = run_main(killed, *args)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'resuming from' in result.stderr
+  assert 'resumed from step 16' in result.stdout + result.stderr
+  assert_same_run(full, killed, 24)
+  assert [r['step'] for r in eval_rows(killed)] == [8, 16, 24]  # none repeated or lost
+  assert os.listdir(killed / 'best') == [str(best['step'])]
 
-  want, got = train_rows(full), train_rows(killed)
-  assert [r['step'] for r in want][-1] == 24
-  last = {r['step']: r['loss'] for r in got}
-  for r in want:
-    np.testing.assert_allclose(last[r['step']], r['loss'], rtol=1e-6, err_msg=f"step {r['step']}")
-  a, b = final_params(full, 24), final_params(killed, 24)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
-  out = json.loads((full / 'eval_results.json').read_text())
-  assert out['mIoU'] > 0.3  # the demo learns: chance is ~0.06 for 8 classes
+  stopped = tmp_path / 'sigterm'
+  proc = run_main(stopped, *args, wait=False)
+  wait_for(stopped / 'checkpoints' / '8', proc)
+  proc.send_signal(signal.SIGTERM)
+  output = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, output[-3000:]
+  saved = sorted(int(p) for p in os.listdir(stopped / 'checkpoints') if p.isdigit())
+  assert f'preempted: saved checkpoints/{saved[-1]}' in output
+  result = run_main(stopped, *args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'resumed from step {saved[-1]}' in result.stdout + result.stderr
+  assert_same_run(full, stopped, 24)
 
 
 def free_port():
@@ -173,24 +208,72 @@ def free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(data_root, tmp_path):
-  args = [*DEMO, f'--config.data.root={data_root}', '--config.train.steps=6',
-          '--config.train.log_every=1', '--config.train.checkpoint_every=6',
-          '--config.predict.after_train=0', '--config.eval.limit=2']
+def run_two(workdir, args, port):
+  return [run_main(workdir, *args, f'--coordinator_address=127.0.0.1:{port}',
+                   '--num_processes=2', f'--process_id={i}', devices=4, wait=False,
+                   env={'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo'}) for i in range(2)]
+
+
+def test_two_processes_match_one_and_resume_after_sigterm(data_root, tmp_path):
+  """2 processes x 4 devices train like 1 x 8; SIGTERM to both makes them agree
+  on a step, save it and exit; the rerun continues exactly."""
+  args = [*DEMO, f'--config.data.root={data_root}', '--config.train.steps=40',
+          '--config.train.log_every=1', '--config.train.checkpoint_every=4',
+          '--config.train.eval_every=0', '--config.predict.after_train=0',
+          '--config.eval.limit=2']
   single = tmp_path / 'single'
   result = run_main(single, *args)
   assert result.returncode == 0, result.stderr[-3000:]
   multi = tmp_path / 'multi'
-  port = free_port()
-  procs = [run_main(multi, *args, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                    f'--process_id={i}', devices=4, wait=False,
-                    env={'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo'}) for i in range(2)]
+  procs = run_two(multi, args, free_port())
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
   want, got = train_rows(single), train_rows(multi)
-  assert len(want) == len(got) == 6
+  assert len(want) == len(got) == 40
   for a, b in zip(want, got):
     np.testing.assert_allclose(b['loss'], a['loss'], rtol=1e-4)
+
+  stopped = tmp_path / 'sigterm'
+  procs = run_two(stopped, args, free_port())
+  wait_for(stopped / 'checkpoints' / '4', procs[0])
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  saved = sorted(int(p) for p in os.listdir(stopped / 'checkpoints') if p.isdigit())
+  assert saved[-1] < 40 and f'preempted: saved checkpoints/{saved[-1]}' in outs[0]
+  procs = run_two(stopped, args, free_port())
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
+  assert_same_run(multi, stopped, 40)
+
+
+def test_accumulation_equals_the_full_batch_update(data_root):
+  """train.accumulate = 2: two micro-batches and one update give the full-batch
+  update (BatchNorm on running statistics, no dropout: otherwise the
+  statistics are per micro-batch, as documented)."""
+  outs = []
+  for k in (1, 2):
+    config = demo_config(data_root, accumulate=k)
+    config.train.eps = 1.0  # Adam's step linear in the gradient (see the sharded step test)
+    config.model.norm_eval = True
+    config.model.decode_head.dropout = 0.0
+    config.model.auxiliary_head.dropout = 0.0
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    trainer = Trainer(config, mesh)
+    state = trainer.initial_state()
+    batch = {key: jax.device_put(v, sharding.batch_sharding(mesh, v.ndim))
+             for key, v in _batch(config, seed=5).items()}
+    before = jax.device_get(state.trainable)
+    outs.append(jax.device_get(trainer.jit_step()(state, batch)))
+  (full, m_full), (acc, m_acc) = outs
+  np.testing.assert_allclose(m_acc['loss'], m_full['loss'], rtol=1e-6)
+  np.testing.assert_allclose(m_acc['grad_norm'], m_full['grad_norm'], rtol=1e-5)
+  for key in full.trainable:
+    want = np.asarray(full.trainable[key], np.float64) - before[key]
+    got = np.asarray(acc.trainable[key], np.float64) - before[key]
+    ulp = 2 * np.spacing(np.abs(before[key]).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(got - want) <= 1e-6 * np.abs(want).max() + ulp), key
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path):

@@ -108,27 +108,28 @@ def test_short_side_rule():
 def test_resize_to_multiple_rounds_up_and_keeps_multiples():
   assert T.multiple_size(28, 29) == (28, 42)
   assert T.multiple_size(1, 14) == (14, 14)
-  img = _random_image(29, 28)
-  out = T.resize_to_multiple(img)
-  assert out.shape == (42, 28, 3) and out.dtype == np.uint8
-  np.testing.assert_array_equal(out, cv2.resize(img, (28, 42), interpolation=cv2.INTER_LINEAR))
-  img = _random_image(42, 28)
-  np.testing.assert_array_equal(T.resize_to_multiple(img), img)
+  assert T.test_size(29, 28, 'fit', scale=(29, 28), crop_size=0) == (42, 28)
+  assert T.test_size(42, 28, 'fit', scale=(42, 28), crop_size=0) == (42, 28)
+  # size_divisor 0 (the adapter's test pipeline): no ResizeToMultiple step.
+  assert T.test_size(333, 517, divisor=0) == (504, 782)
+  img = _random_image(333, 517)
+  np.testing.assert_array_equal(
+      T.test_transform(img, divisor=0),
+      T.normalize(cv2.resize(img, (782, 504), interpolation=cv2.INTER_LINEAR)))
 
 
 def test_keep_ratio_resizes():
   img = _random_image(333, 517)
-  fit = T.resize_fit(img, (2016, 504))
+  fit = T.keep_ratio_resize(img, (2016, 504))
   assert fit.dtype == np.uint8 and fit.shape == (504, 782, 3)
   np.testing.assert_array_equal(fit, cv2.resize(img, (782, 504), interpolation=cv2.INTER_LINEAR))
-  np.testing.assert_array_equal(T.keep_ratio_resize(img, (2016, 504)), fit)
-  np.testing.assert_array_equal(T.resize_short_side(img, 504), fit)
   nearest = T.keep_ratio_resize(img, (1000, 100), interpolation=cv2.INTER_NEAREST)
   np.testing.assert_array_equal(
       nearest, cv2.resize(img, (155, 100), interpolation=cv2.INTER_NEAREST))
   # Negative strides (a flipped view) are accepted.
-  np.testing.assert_array_equal(T.resize_fit(img[:, ::-1]),
-                                T.resize_fit(np.ascontiguousarray(img[:, ::-1])))
+  np.testing.assert_array_equal(T.keep_ratio_resize(img[:, ::-1], (2016, 504)),
+                                T.keep_ratio_resize(np.ascontiguousarray(img[:, ::-1]),
+                                                    (2016, 504)))
 
 
 @pytest.mark.parametrize('mode', T.TEST_MODES)
@@ -169,8 +170,7 @@ def test_float_or_one_step_resize_differs():
     [[[0, 0, 0]]],
 ])
 def test_bad_images_raise(bad):
-  for fn in (T.normalize, T.resize_to_multiple, T.test_transform,
-             lambda x: T.resize_short_side(x, 504), lambda x: T.resize_fit(x, (2016, 504)),
+  for fn in (T.normalize, T.test_transform, lambda x: T.test_transform(x, 'fit'),
              lambda x: T.keep_ratio_resize(x, (2016, 504))):
     with pytest.raises(ValueError, match='uint8|image'):
       fn(bad)

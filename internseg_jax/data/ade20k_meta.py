@@ -73,3 +73,15 @@ PALETTE = (
     (102, 255, 0), (92, 0, 255))
 
 assert len(CLASSES) == NUM_CLASSES and len(PALETTE) == NUM_CLASSES
+
+
+def class_names(num_classes: int, names=None) -> tuple:
+  """The names of `num_classes` classes: `names` when given, the ADE20K names
+  for 150 classes, else 'class 0', 'class 1', ..."""
+  if names is not None:
+    if len(names) != num_classes:
+      raise ValueError(f'{len(names)} class names for {num_classes} classes')
+    return tuple(names)
+  if num_classes == NUM_CLASSES:
+    return CLASSES
+  return tuple(f'class {i}' for i in range(num_classes))

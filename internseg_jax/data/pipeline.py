@@ -147,6 +147,16 @@ def _ensure_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def worker_iter(dataset: grain.MapDataset, num_workers: int, buffer: int = 2) -> grain.IterDataset:
+  """The elements of `dataset`, in order, computed in grain worker processes
+  (spawned, CPU-only, one OpenCV thread each; see the module docstring)."""
+  _ensure_flags_parsed()
+  return dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)) \
+      .mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                per_worker_buffer_size=buffer),
+                   worker_init_fn=_init_worker)
+
+
 _LIVE = weakref.WeakSet()
 
 

@@ -17,14 +17,13 @@ import cv2
 import msgpack
 import numpy as np
 
-from internseg_jax.metrics import reduce_zero_label
+from internseg_jax.data.transforms import reduce_zero_label
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png')
 SPLITS = ('training', 'validation')
 
 
-class DataError(ValueError):
-  """A dataset folder or file that cannot be used; the message names it."""
+from internseg_jax.errors import DataError  # noqa: F401  (re-exported: the data errors' home)
 
 
 def decode_image(data: bytes | np.ndarray, where: str) -> np.ndarray:

@@ -121,13 +121,25 @@ def _first_size(w, h, resize, scale, ratio, crop_size):
 def test_size(h: int, w: int, resize: str = 'short_side', scale: Sequence[int] = (2016, 504),
               divisor: int = 14, ratio: float = 1.0, crop_size: int = 504) -> tuple[int, int]:
   """(H', W') that `test_transform` produces for an (h, w) image, without pixels."""
-  new_w, new_h = multiple_size(*_first_size(w, h, resize, scale, ratio, crop_size), divisor)
+  new_w, new_h = _first_size(w, h, resize, scale, ratio, crop_size)
+  if divisor:
+    new_w, new_h = multiple_size(new_w, new_h, divisor)
   return new_h, new_w
 
 
 # ----------------------------------------------------------------------------
 # Pixel transforms.
 # ----------------------------------------------------------------------------
+
+
+def reduce_zero_label(label: np.ndarray) -> np.ndarray:
+  """mmseg's `reduce_zero_label`: 0 -> 255, k -> k-1, and 255 stays 255 (int64)."""
+  label = np.asarray(label).astype(np.int64)
+  zero = label == 0
+  label = label - 1
+  label[zero] = 255
+  label[label == 254] = 255  # what was 255 (ignore) before the shift
+  return label
 
 
 def normalize(img: np.ndarray) -> np.ndarray:
@@ -146,33 +158,6 @@ def keep_ratio_resize(img: np.ndarray, scale: Sequence[float],
   return _cv2_resize(img, new_w, new_h, interpolation)
 
 
-def resize_short_side(img: np.ndarray, short: float,
-                      interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
-  """Keep-ratio resize so that the short side becomes `short`, long side unbounded."""
-  _check_image(img)
-  h, w = img.shape[:2]
-  new_w, new_h = short_side_size(w, h, short)
-  _check_size(new_w, new_h, f'short side {short}')
-  return _cv2_resize(img, new_w, new_h, interpolation)
-
-
-def resize_fit(img: np.ndarray, scale: Sequence[float] = (2016, 504),
-               interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
-  """Keep-ratio resize to the largest size within scale = (long_max, short_max)."""
-  return keep_ratio_resize(img, scale, interpolation)
-
-
-def resize_to_multiple(img: np.ndarray, divisor: int = 14,
-                       interpolation: int = cv2.INTER_LINEAR) -> np.ndarray:
-  """mmseg ResizeToMultiple: stretch each side up to the next multiple of `divisor`.
-
-  A side already a multiple is kept; cv2.resize to the same size is the identity.
-  """
-  _check_image(img)
-  h, w = img.shape[:2]
-  return _cv2_resize(img, *multiple_size(w, h, divisor), interpolation)
-
-
 def test_transform(img: np.ndarray, resize: str = 'short_side',
                    scale: Sequence[int] = (2016, 504), divisor: int = 14,
                    ratio: float = 1.0, crop_size: int = 504) -> np.ndarray:
@@ -183,7 +168,7 @@ def test_transform(img: np.ndarray, resize: str = 'short_side',
     resize: 'short_side' (short side -> max(int(scale[1] * ratio), crop_size))
       or 'fit' (within (int(scale[0] * ratio), int(scale[1] * ratio))).
     scale: the config's img_scale, (long, short).
-    divisor: the patch size; both output sides are multiples of it.
+    divisor: ResizeToMultiple's size_divisor (the patch size; 0: no such step).
     ratio: one of MultiScaleFlipAug's img_ratios (1.0 without TTA).
     crop_size: SETR_Resize's lower bound on the short side ('short_side' only;
       0 disables it).
@@ -195,7 +180,8 @@ def test_transform(img: np.ndarray, resize: str = 'short_side',
   h, w = img.shape[:2]
   first_w, first_h = _first_size(w, h, resize, scale, ratio, crop_size)
   img = _cv2_resize(img, first_w, first_h, cv2.INTER_LINEAR)
-  img = _cv2_resize(img, *multiple_size(first_w, first_h, divisor), cv2.INTER_LINEAR)
+  if divisor:
+    img = _cv2_resize(img, *multiple_size(first_w, first_h, divisor), cv2.INTER_LINEAR)
   return normalize(img)
 
 

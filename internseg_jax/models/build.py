@@ -7,33 +7,38 @@ from internseg_jax.models.segmentor import Segmentor
 
 BACKBONE_KEYS = ('embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'patch_size', 'img_size',
                  'qkv_bias', 'qk_normalization', 'init_values', 'drop_path_rate',
-                 'out_indices', 'attention', 'remat')
+                 'out_indices', 'remat')
 
 
-def build_backbone(model_config) -> InternViT:
+def build_backbone(model_config, attention: str | None = None, pad_tokens_to: int = 0,
+                   sliced_scan: bool = False) -> InternViT:
+  """`attention` overrides model.backbone.attention; the other two are set by
+  internseg_jax.freeze (they depend on whether the blocks are trained)."""
   bb = model_config.backbone
   kwargs = {k: bb[k] for k in BACKBONE_KEYS}
   kwargs['out_indices'] = tuple(kwargs['out_indices'])
-  return InternViT(**kwargs, sliced_scan=not bb.freeze, dtype=jnp.dtype(model_config.dtype),
+  return InternViT(**kwargs, attention=attention or bb.attention, pad_tokens_to=pad_tokens_to,
+                   sliced_scan=sliced_scan, dtype=jnp.dtype(model_config.dtype),
                    param_dtype=jnp.dtype(model_config.param_dtype))
 
 
-def build_segmentor(model_config) -> Segmentor:
+def build_segmentor(model_config, **backbone_kwargs) -> Segmentor:
   head = model_config.decode_head
-  head_dtype = jnp.dtype(head.get('dtype', 'float32'))
+  head_dtype = jnp.dtype(head.dtype)
+  norm_eval = model_config.norm_eval
   if head.type == 'linear':
-    decode = LinearHead(head.num_classes, head.get('dropout', 0.0), head_dtype)
+    decode = LinearHead(head.num_classes, head.dropout, head_dtype, norm_eval)
   elif head.type == 'uper':
-    decode = UPerHead(head.channels, head.num_classes, tuple(head.get('pool_scales', (1, 2, 3, 6))),
-                      head.get('dropout', 0.1), head_dtype)
+    decode = UPerHead(head.channels, head.num_classes, tuple(head.pool_scales), head.dropout,
+                      head_dtype, norm_eval)
   else:
     raise ValueError(f"model.decode_head.type must be 'linear' or 'uper', got {head.type!r}")
-  aux_config = model_config.get('auxiliary_head')
+  aux_config = model_config.auxiliary_head
   aux = None if aux_config is None else FCNHead(
-      aux_config.channels, head.num_classes, aux_config.get('dropout', 0.1), head_dtype)
+      aux_config.channels, head.num_classes, aux_config.dropout, head_dtype, norm_eval)
   neck = PyramidNeck(jnp.dtype(model_config.dtype), jnp.dtype(model_config.param_dtype)) \
       if model_config.backbone.with_fpn else None
-  return Segmentor(build_backbone(model_config), decode, neck, aux,
+  return Segmentor(build_backbone(model_config, **backbone_kwargs), decode, neck, aux,
                    aux_in_index=aux_config.in_index if aux_config is not None else 0)
 
 

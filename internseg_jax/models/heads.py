@@ -3,7 +3,13 @@
 ConvModule = conv (no bias) -> BatchNorm -> ReLU. BatchNorm follows PyTorch:
 eps 1e-5, momentum 0.1, running_var updated with the unbiased batch variance.
 Under `jit` with the batch sharded over the mesh, the batch statistics are
-means over the global batch, i.e. synchronized BatchNorm.
+means over the global batch, i.e. synchronized BatchNorm. `norm_eval` (mmseg's
+name) keeps BatchNorm on its running statistics in training too.
+
+New layers start as mmseg/mmcv 0.x initialises them, not as Flax would
+(docs/reference.md): ConvModule convs Kaiming normal (fan_out, ReLU gain),
+`conv_seg` N(0, 0.01), BatchNorm and LayerNorm (1, 0), the neck's transposed
+convs N(0, sqrt(2 / (k * k * out))) as InternViT6B._init_weights; biases 0.
 """
 import functools
 from typing import Any, Sequence
@@ -16,12 +22,20 @@ import numpy as np
 from internseg_jax.models.resize import resize_bilinear
 
 
+# mmcv kaiming_init(mode='fan_out', nonlinearity='relu', distribution='normal'):
+# std = sqrt(2 / fan_out), fan_out = kh * kw * out. Flax's 'normal' is untruncated.
+KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+CONV_SEG_INIT = nn.initializers.normal(0.01)   # mmseg BaseDecodeHead: Normal(std=0.01)
+
+
 class BatchNorm(nn.Module):
   momentum: float = 0.1  # PyTorch convention: running = 0.9 * running + 0.1 * batch
   eps: float = 1e-5
+  norm_eval: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    train = train and not self.norm_eval
     c = x.shape[-1]
     scale = self.param('scale', nn.initializers.ones, (c,), jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, (c,), jnp.float32)
@@ -47,13 +61,14 @@ class ConvModule(nn.Module):
   features: int
   kernel_size: int = 1
   dtype: Any = jnp.float32
+  norm_eval: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     p = self.kernel_size // 2
     x = nn.Conv(self.features, (self.kernel_size,) * 2, padding=((p, p), (p, p)), use_bias=False,
-                dtype=self.dtype, name='conv')(x)
-    return nn.relu(BatchNorm(name='bn')(x, train))
+                dtype=self.dtype, kernel_init=KAIMING_FAN_OUT, name='conv')(x)
+    return nn.relu(BatchNorm(norm_eval=self.norm_eval, name='bn')(x, train))
 
 
 @functools.lru_cache(maxsize=64)
@@ -79,7 +94,7 @@ def classify(x, num_classes: int, dropout: float, dtype, train: bool):
   then a 1x1 conv with bias named `conv_seg` in the calling module."""
   if dropout > 0:
     x = nn.Dropout(dropout, broadcast_dims=(1, 2))(x, deterministic=not train)
-  return nn.Conv(num_classes, (1, 1), dtype=dtype, name='conv_seg')(x)
+  return nn.Conv(num_classes, (1, 1), dtype=dtype, kernel_init=CONV_SEG_INIT, name='conv_seg')(x)
 
 
 class LinearHead(nn.Module):
@@ -87,10 +102,11 @@ class LinearHead(nn.Module):
   num_classes: int = 150
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  norm_eval: bool = False
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], train: bool = False):
-    x = BatchNorm(name='norm')(feats[-1].astype(self.dtype), train)
+    x = BatchNorm(norm_eval=self.norm_eval, name='norm')(feats[-1].astype(self.dtype), train)
     return classify(x, self.num_classes, self.dropout, self.dtype, train)
 
 
@@ -102,10 +118,12 @@ class UPerHead(nn.Module):
   pool_scales: Sequence[int] = (1, 2, 3, 6)
   dropout: float = 0.1
   dtype: Any = jnp.float32
+  norm_eval: bool = False
 
   @nn.compact
   def __call__(self, feats: Sequence[jax.Array], train: bool = False):
-    conv = functools.partial(ConvModule, self.channels, dtype=self.dtype)
+    conv = functools.partial(ConvModule, self.channels, dtype=self.dtype,
+                             norm_eval=self.norm_eval)
     feats = [f.astype(self.dtype) for f in feats]
     top = feats[-1]
     psp = [top] + [
@@ -129,10 +147,12 @@ class FCNHead(nn.Module):
   num_classes: int = 150
   dropout: float = 0.1
   dtype: Any = jnp.float32
+  norm_eval: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    x = ConvModule(self.channels, 3, self.dtype, name='convs_0')(x.astype(self.dtype), train)
+    x = ConvModule(self.channels, 3, self.dtype, self.norm_eval, name='convs_0')(
+        x.astype(self.dtype), train)
     return classify(x, self.num_classes, self.dropout, self.dtype, train)
 
 
@@ -146,8 +166,8 @@ class ConvTranspose2x2(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (2, 2, c, self.features),
-                        self.param_dtype)
+    # InternViT6B._init_weights: N(0, sqrt(2 / (kh * kw * out))), i.e. fan_out.
+    kernel = self.param('kernel', KAIMING_FAN_OUT, (2, 2, c, self.features), self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
     y = jnp.einsum('bhwi,acio->bhawco', x.astype(self.dtype), kernel.astype(self.dtype))
     return y.reshape(b, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)

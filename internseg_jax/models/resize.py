@@ -1,12 +1,20 @@
-"""Resizes with PyTorch `F.interpolate` semantics, as interpolation matrices.
+"""Resizes with PyTorch `F.interpolate` semantics (align_corners=False, no antialias).
 
-`jax.image.resize` differs from PyTorch: its bicubic kernel uses a = -0.5 and it
-antialiases when shrinking. The reference (PyTorch) uses a = -0.75, half-pixel
-centres (align_corners=False) and no antialiasing, so we build the separable
-interpolation matrices ourselves and apply them with einsum.
+On device: `jax.image.resize` with method 'bicubic-pytorch' (Keys a = -0.75,
+edge-clamped taps) or 'bilinear', and `antialias=False`, matches PyTorch to
+float32 rounding (tests/test_resize.py). `antialias=False` matters: the default
+(True) filters when shrinking, which PyTorch does not, and plain 'bicubic' uses
+a = -0.5.
+
+On the host (numpy): bicubic in float64 by interpolation matrices, for the
+converter, which resizes position embeddings and patch kernels once and rounds
+them to the file's dtype as the original does; bilinear by two-tap gathers in
+the array's own dtype, for large logit maps in evaluation (OpenCV cannot resize
+150 channels).
 """
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,52 +44,33 @@ def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
   return matrix
 
 
-@functools.lru_cache(maxsize=64)
-def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
-  """(out, in) float64 matrix of PyTorch bilinear, align_corners=False, size=out."""
-  scale = in_size / out_size
-  src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
-  lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-  hi = np.minimum(lo + 1, in_size - 1)
-  frac = src - lo
-  matrix = np.zeros((out_size, in_size))
-  np.add.at(matrix, (np.arange(out_size), lo), 1.0 - frac)
-  np.add.at(matrix, (np.arange(out_size), hi), frac)
-  return matrix
-
-
-def _resize(x, size, matrix_fn, precision):
-  """Resizes axes 1 and 2 of a (B, H, W, C) array (numpy or jax) to `size`."""
-  out_h, out_w = size
-  in_h, in_w = x.shape[1], x.shape[2]
-  if (in_h, in_w) == (out_h, out_w):
+def _device_resize(x, size, method: str):
+  """Axes 1 and 2 of a (B, H, W, C) jax array, computed in float32."""
+  if tuple(x.shape[1:3]) == tuple(size):
     return x
-  mh = matrix_fn(in_h, out_h)
-  mw = matrix_fn(in_w, out_w)
+  shape = (x.shape[0], *size, x.shape[3])
+  return jax.image.resize(x.astype(jnp.float32), shape, method=method,
+                          antialias=False).astype(x.dtype)
+
+
+def resize_bicubic(x, size):
+  """PyTorch `interpolate(mode='bicubic', align_corners=False)` on NHWC input;
+  numpy input in float64 maths (result in its dtype), jax input on device."""
   if isinstance(x, np.ndarray):
-    out = np.einsum('oh,bhwc->bowc', mh, x.astype(np.float64))
-    return np.einsum('pw,bowc->bopc', mw, out).astype(x.dtype)
-  dtype = x.dtype
-  xf = x.astype(jnp.float32)
-  out = jnp.einsum('oh,bhwc->bowc', jnp.asarray(mh, jnp.float32), xf, precision=precision)
-  out = jnp.einsum('pw,bowc->bopc', jnp.asarray(mw, jnp.float32), out, precision=precision)
-  return out.astype(dtype)
+    if tuple(x.shape[1:3]) == tuple(size):
+      return x
+    out = np.einsum('oh,bhwc->bowc', bicubic_matrix(x.shape[1], size[0]), x.astype(np.float64))
+    out = np.einsum('pw,bowc->bopc', bicubic_matrix(x.shape[2], size[1]), out)
+    return out.astype(x.dtype)
+  return _device_resize(x, size, 'bicubic-pytorch')
 
 
-def resize_bicubic(x, size, precision='highest'):
-  """PyTorch `interpolate(mode='bicubic', align_corners=False)` on NHWC input."""
-  return _resize(x, size, bicubic_matrix, precision)
-
-
-def resize_bilinear(x, size, precision='highest'):
-  """PyTorch `interpolate(mode='bilinear', align_corners=False)` on NHWC input.
-
-  numpy input is resized on the host by two-tap gathers in its own dtype (fast
-  for large logit maps); jax input by interpolation matrices on the device.
-  """
+def resize_bilinear(x, size):
+  """PyTorch `interpolate(mode='bilinear', align_corners=False)` on NHWC input;
+  numpy input by two-tap gathers on the host, jax input on device."""
   if isinstance(x, np.ndarray):
     return _bilinear_gather(_bilinear_gather(x, size[0], 1), size[1], 2)
-  return _resize(x, size, bilinear_matrix, precision)
+  return _device_resize(x, size, 'bilinear')
 
 
 def _bilinear_gather(x: np.ndarray, out_size: int, axis: int) -> np.ndarray:

@@ -32,6 +32,10 @@ class Segmentor(nn.Module):
       feats = self.neck(feats)
     return feats
 
+  def logits(self, images):
+    """Decode-head logits upsampled (bilinear) to the input size, float32 (inference)."""
+    return upsample_logits(self(images)['logits'], images.shape[1:3])
+
   def __call__(self, images, train: bool = False):
     feats = self.features(images, train)
     out = {'logits': self.decode_head(feats, train)}
