@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from internseg_jax import metrics
 from internseg_jax.data import transforms
-from internseg_jax.data.ade20k_meta import CLASSES
+from internseg_jax.data.ade20k_meta import class_names
 from internseg_jax.models.resize import resize_bilinear
 
 
@@ -111,7 +111,7 @@ def evaluate(model, dataset, workdir: str | None = None, limit: int | None = Non
     pred = np.argmax(predict_logits(model, record['image']), axis=-1)
     acc.update(pred, record['label'])
   result = acc.result()
-  names = CLASSES if num_classes == len(CLASSES) else [str(i) for i in range(num_classes)]
+  names = class_names(num_classes, model.config.data.get('class_names'))
   logging.info('evaluated %d images in %.1f s\n%s', n, time.time() - start,
                metrics.format_table(result, names))
   if workdir is not None:

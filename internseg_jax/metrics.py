@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from internseg_jax.data.ade20k_meta import CLASSES
+from internseg_jax.data.ade20k_meta import class_names as default_class_names
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:
@@ -154,12 +154,12 @@ def _pct(x: float) -> str:
 def format_table(result: dict, class_names: Optional[Sequence[str]] = None) -> str:
   """Per-class IoU / Acc table in %, then an aAcc / mIoU / mAcc summary (mmseg's eval log).
 
-  class_names defaults to the ADE20K names when there are 150 classes, else indices.
+  class_names defaults to `ade20k_meta.class_names(num_classes)`.
   """
   iou = np.asarray(result['IoU'], np.float64)
   acc = np.asarray(result.get('Acc', np.full_like(iou, np.nan)), np.float64)
   if class_names is None:
-    class_names = CLASSES if len(iou) == len(CLASSES) else [str(i) for i in range(len(iou))]
+    class_names = default_class_names(len(iou))
   if len(class_names) != len(iou):
     raise ValueError(f'{len(class_names)} class names for {len(iou)} classes')
   rows = [(str(n).strip(), _pct(i), _pct(a)) for n, i, a in zip(class_names, iou, acc)]
