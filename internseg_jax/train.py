@@ -169,6 +169,7 @@ def restore(manager, step: int, abstract: TrainState, loader) -> TrainState:
 
 
 def make_loader(config, workdir: str):
+  """(this process's training iterator, the number of training images)."""
   from internseg_jax.data import pipeline
   d = config.data
   source = sources.make_source(d, 'training', log_dir=workdir)
@@ -179,7 +180,7 @@ def make_loader(config, workdir: str):
   return pipeline.train_loader(
       source, global_batch_size=config.train.batch_size, seed=config.train.seed,
       transform=pipeline.config_transform(d), num_workers=d.num_workers, prefetch=d.prefetch,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count()), len(source)
 
 
 def evaluate_state(trainer: Trainer, state: TrainState, workdir: str | None, dataset) -> dict:
@@ -198,10 +199,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                      f'{n} devices of the mesh')
   from internseg_jax.data import pipeline
   trainer = Trainer(config, mesh)
-  loader = make_loader(config, workdir)
+  loader, num_images = make_loader(config, workdir)
   val = sources.make_source(config.data, 'validation')
   manager = checkpoint_manager(workdir, config)
-  log = train_logging.Logger(workdir, config, enabled=jax.process_index() == 0)
+  log = train_logging.Logger(workdir, total_steps=config.train.steps,
+                             global_batch_size=config.train.batch_size,
+                             flops_per_step=model_flops_per_device(config),
+                             enabled=jax.process_index() == 0)
 
   latest = manager.latest_step()
   if latest is not None:
@@ -211,41 +215,51 @@ def train_and_evaluate(config, workdir: str) -> dict:
     state = trainer.initial_state(config.init.checkpoint or config.init.pretrained)
   iterator = iter(loader)
   start, total = int(state.step), config.train.steps
-  log.start(start, total, describe(trainer, state))
-  log.flops_per_step = model_flops_per_device(config)
+  # Every process reads the best so far, so all agree on when to save_best.
+  best_miou, best_step = train_logging.best_eval(workdir, start)
+  log.start(start, describe(config, trainer, state, num_images))
   last_good = latest
   step_fn = None
-  for step in range(start, total):
-    batch = pipeline.to_global(next(iterator), mesh)
-    if step_fn is None:
-      step_fn = trainer.jit_step(state)
-    state, metrics = step_fn(state, batch)
-    done = step + 1
-    at_log = done % config.train.log_every == 0 or done == total
-    at_ckpt = done % config.train.checkpoint_every == 0 or done == total
-    if at_log or at_ckpt:
-      values = jax.device_get(metrics)
-      if not values.pop('finite'):
-        manager.wait_until_finished()
-        raise FloatingPointError(
-            f'non-finite loss or parameters at step {done} (loss {values["loss"]}); stopped. The last good checkpoint '
-            f'(step {last_good}) is kept in {workdir}/checkpoints; lower train.lr or check '
-            'the data before resuming.')
-      log.train_row(done, values)
-    else:
-      log.tick(done)
-    if at_ckpt:
-      manager.save(done, args=save_args(state, loader))
-      last_good = done
-    if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
-      result = evaluate_state(trainer, state, None, val)
-      if log.eval_row(done, result):
-        save_best(workdir, state, done, result)
-  manager.wait_until_finished()
-  result = evaluate_state(trainer, state, workdir, val)
-  if log.eval_row(total, result):
-    save_best(workdir, state, total, result)
-  log.finish(total, result)
+  try:
+    for step in range(start, total):
+      batch = pipeline.to_global(next(iterator), mesh)
+      if step_fn is None:
+        step_fn = trainer.jit_step(state)
+      state, metrics = step_fn(state, batch)
+      done = step + 1
+      log.add(done, metrics)
+      at_log = done % config.train.log_every == 0 or done == total
+      at_ckpt = done % config.train.checkpoint_every == 0 or done == total
+      if at_log or at_ckpt:  # checked before any checkpoint: a NaN state is never saved
+        row = log.flush(done)
+        if not row['finite']:
+          manager.wait_until_finished()
+          raise FloatingPointError(
+              f'non-finite loss or parameters at step {done} (loss {row["loss"]}); stopped. The '
+              f'last good checkpoint (step {last_good}) is kept in {workdir}/checkpoints; lower '
+              'train.lr or check the data before resuming.')
+      else:
+        log.tick(done)
+      if at_ckpt:
+        manager.save(done, args=save_args(state, loader))
+        last_good = done
+      if config.train.eval_every and done % config.train.eval_every == 0 and done != total:
+        result = evaluate_state(trainer, state, None, val)
+        best = float(result['mIoU']) > best_miou
+        if best:
+          best_miou, best_step = float(result['mIoU']), done
+          save_best(workdir, state, done, result)
+        log.eval_row(done, result, best)
+    manager.wait_until_finished()
+    result = evaluate_state(trainer, state, workdir, val)
+    best = float(result['mIoU']) > best_miou
+    if best:
+      best_miou, best_step = float(result['mIoU']), total
+      save_best(workdir, state, total, result)
+    log.eval_row(total, result, best)
+  finally:
+    log.close()
+  log.finish(total, result, best_miou, best_step)
   manager.close()
   return result
 
@@ -280,7 +294,16 @@ def model_flops_per_device(config) -> float:
   return flops * (1 if bb.freeze else 3) * config.train.batch_size / jax.device_count()
 
 
-def describe(trainer: Trainer, state: TrainState) -> dict:
+def describe(config, trainer: Trainer, state: TrainState, num_images: int) -> dict:
+  """What the run will do, for the Logger's start block."""
   count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-  return dict(trainable=count(state.trainable), frozen=count(state.frozen),
-              devices=jax.device_count(), mesh=dict(trainer.mesh.shape))
+  bb, head = config.model.backbone, config.model.decode_head
+  heads = {'uper': 'UperNet', 'linear': 'linear head'}.get(head.type, head.type)
+  if config.model.auxiliary_head:
+    heads += ' + auxiliary FCN head'
+  d = config.data
+  return dict(experiment=config.get('experiment'),
+              model=f'InternViT {bb.depth} blocks x {bb.embed_dim}, {heads}',
+              params_trainable=count(state.trainable), params_frozen=count(state.frozen),
+              mesh=dict(trainer.mesh.shape), devices=jax.device_count(),
+              data=f'{d.source} {d.root}, {num_images} training images')
