@@ -12,6 +12,7 @@ ARG `short` (used by the tests): fewer steps and images.
 import ml_collections
 
 from configs import common
+from internseg_jax.data import synthetic
 
 NUM_CLASSES = 8
 
@@ -28,6 +29,7 @@ def get_config(arg=None):
       num_train=64 if args.short else 400, num_val=8 if args.short else 50,
       size_range=(96, 160), seed=0))
   config.data.num_workers = 0
+  config.data.class_names = synthetic.class_names(NUM_CLASSES)  # e.g. 'violet stripes'
   config.train.update(dict(
       batch_size=8, steps=30 if args.short else 600, lr=1e-3, warmup_steps=50,
       weight_decay=0.01, layer_decay=1.0, log_every=10 if args.short else 50,

@@ -145,7 +145,7 @@ def _pct(x: float) -> str:
 def format_table(result: dict, class_names: Optional[Sequence[str]] = None) -> str:
   """Per-class IoU / Acc table in %, then an aAcc / mIoU / mAcc summary (mmseg's eval log).
 
-  class_names defaults to the ADE20K names when there are 150 classes, else indices.
+  class_names defaults to `ade20k_meta.class_names(num_classes)`.
   """
   iou = np.asarray(result['IoU'], np.float64)
   acc = np.asarray(result.get('Acc', np.full_like(iou, np.nan)), np.float64)

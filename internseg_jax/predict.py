@@ -1,4 +1,5 @@
-"""`--mode=predict`: label PNGs and colour overlays for an image or a folder."""
+"""`--mode=predict`: label PNGs and figures (image | overlay | legend) for an
+image or a folder."""
 import os
 
 import numpy as np
@@ -46,18 +47,30 @@ def predict_validation(model: api.Model, count: int, out_dir: str) -> list[str]:
 
 def predict_images(model: api.Model, items, out_dir: str, alpha: float = 0.5,
                    write: bool = True, total: int | None = None) -> list[str]:
-  """For (name, uint8 RGB image) pairs, writes NAME_labels.png (class indices)
-  and NAME_overlay.png (ADE palette and a legend of the classes present);
-  returns the overlay paths."""
-  names = class_names(model.config.model.decode_head.num_classes, model.config.data.class_names)
+  """For (name, uint8 RGB image) pairs, writes NAME_labels.png and
+  NAME_overlay.png (see `write_prediction`); returns the overlay paths.
+  Every process predicts (the model may span hosts); only `write` ones save."""
+  num_classes = model.config.model.decode_head.num_classes
+  names = class_names(num_classes, model.config.data.class_names)
+  palette = visualize.palette_for(num_classes)
   written = []
   for stem, image in tqdm(items, desc='predict', unit='img', total=total, disable=not write):
     labels = api.inference_model(model, image)
-    if not write:
-      continue
-    visualize.save_png(os.path.join(out_dir, f'{stem}_labels.png'), labels.astype(np.uint8))
-    overlay = visualize.overlay_with_legend(image, labels, alpha=alpha, class_names=names)
-    written.append(os.path.join(out_dir, f'{stem}_overlay.png'))
-    visualize.save_png(written[-1], overlay)
+    if write:
+      written.append(write_prediction(out_dir, stem, image, labels, names, alpha, palette))
   logging.info('wrote %d predictions to %s', len(written), out_dir)
   return written
+
+
+def write_prediction(out_dir: str, stem: str, image, labels, names, alpha: float = 0.5,
+                     palette=None) -> str:
+  """Writes OUT_DIR/STEM_labels.png (the exact class indices, as an indexed PNG
+  whose palette shows the class colours) and OUT_DIR/STEM_overlay.png (the
+  image | the overlay | the legend with `names`, by area; small images shown
+  enlarged); returns the overlay's path."""
+  labels = np.asarray(labels)
+  palette = visualize.palette_for(len(names)) if palette is None else palette
+  visualize.save_label_png(os.path.join(out_dir, f'{stem}_labels.png'), labels, palette)
+  path = os.path.join(out_dir, f'{stem}_overlay.png')
+  visualize.save_png(path, visualize.prediction_figure(image, labels, names, palette, alpha))
+  return path

@@ -121,6 +121,8 @@ def run_steps(trainer: Trainer, state: TrainState, loader, ckpts, log, val, work
       preempted = sigterm.raised or ckpts.reached_preemption(done)
       if done % t.log_every == 0 or done == t.steps:
         log.flush(done)
+      else:
+        log.tick(done)
       if done % t.checkpoint_every == 0 or done == t.steps or preempted:
         # Nothing non-finite is ever saved: the last good checkpoint stays.
         if not all(jax.device_get(unchecked)):

@@ -8,6 +8,7 @@ import sys
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from convert import pth_to_orbax
 from internseg_jax import api, metrics
@@ -78,7 +79,10 @@ def test_predict_mode_writes_labels_and_overlays(setup):
   written = sorted(os.listdir(workdir / 'predictions'))
   assert len(written) == 12 and sum(n.endswith('_overlay.png') for n in written) == 6
   name = sorted(os.listdir(folder))[0][:-4]
-  labels = cv2.imread(str(workdir / 'predictions' / f'{name}_labels.png'), cv2.IMREAD_UNCHANGED)
+  # An indexed PNG: Pillow reads the class indices (cv2.imread would expand the palette).
+  with Image.open(workdir / 'predictions' / f'{name}_labels.png') as img:
+    assert img.mode == 'P'
+    labels = np.asarray(img)
   image = cv2.imread(os.path.join(folder, name + '.jpg'))
   assert labels.shape == image.shape[:2] and labels.max() < fx.CLASSES
   overlay = cv2.imread(str(workdir / 'predictions' / f'{name}_overlay.png'))

@@ -4,6 +4,8 @@ Copied verbatim from mmsegmentation `mmseg/datasets/ade.py` (identical in v0.27 
 including mmseg's trailing space in 'bed '. Index i is the label after `reduce_zero_label`.
 """
 
+from internseg_jax.errors import ConfigError
+
 NUM_CLASSES = 150
 
 CLASSES = (
@@ -76,12 +78,15 @@ assert len(CLASSES) == NUM_CLASSES and len(PALETTE) == NUM_CLASSES
 
 
 def class_names(num_classes: int, names=None) -> tuple:
-  """The names of `num_classes` classes: `names` when given, the ADE20K names
-  for 150 classes, else 'class 0', 'class 1', ..."""
-  if names is not None:
+  """The one place that decides what classes are called: `names` when given
+  (e.g. config `data.class_names`), the ADE20K names for 150 classes, else
+  'class 0', 'class 1', ... (a bare index reads like a number in a legend)."""
+  if names:
+    names = tuple(str(n) for n in names)
     if len(names) != num_classes:
-      raise ValueError(f'{len(names)} class names for {num_classes} classes')
-    return tuple(names)
+      raise ConfigError(f'data.class_names has {len(names)} names for {num_classes} classes; '
+                        'give one name per class or leave it empty')
+    return names
   if num_classes == NUM_CLASSES:
     return CLASSES
   return tuple(f'class {i}' for i in range(num_classes))

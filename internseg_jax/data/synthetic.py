@@ -3,7 +3,8 @@
 Each image is a textured background class with a few shapes of other classes;
 every class has its own colour and stripe texture, so colour and texture
 identify the class locally. Written in the ADEChallengeData2016 layout with raw
-labels (0 = other, 1..num_classes), as the real data.
+labels (0 = other, 1..num_classes), as the real data, plus ROOT/classes.txt with
+the classes' names (`class_names`: what each looks like, e.g. 'violet stripes').
 
   python -m internseg_jax.data.synthetic --root=/tmp/ade_synth --train=64 --val=16
 """
@@ -12,12 +13,49 @@ import os
 import cv2
 import numpy as np
 
+from internseg_jax import files
+
 
 def _class_style(num_classes: int, seed: int = 1234):
   rng = np.random.default_rng(seed)
   colours = rng.integers(30, 226, size=(num_classes + 1, 3))
   periods = rng.integers(3, 12, size=num_classes + 1)
   return colours, periods
+
+
+# Named colours for `class_names`, compared in CIE Lab so the nearest name is the
+# one a person would pick (RGB distance calls dull purples grey).
+_COLOUR_NAMES = (
+    ('red', (200, 30, 30)), ('dark red', (120, 20, 20)), ('orange', (230, 130, 30)),
+    ('brown', (130, 80, 40)), ('yellow', (225, 210, 40)), ('olive', (128, 128, 30)),
+    ('beige', (210, 200, 160)), ('lime', (150, 220, 50)), ('green', (60, 160, 50)),
+    ('dark green', (30, 80, 40)), ('teal', (30, 130, 130)), ('cyan', (60, 210, 220)),
+    ('sky blue', (100, 180, 230)), ('blue', (40, 70, 210)), ('navy', (30, 35, 110)),
+    ('violet', (120, 70, 210)), ('purple', (120, 60, 140)), ('magenta', (175, 60, 175)),
+    ('pink', (225, 90, 150)), ('white', (225, 225, 225)), ('light grey', (170, 170, 170)),
+    ('grey', (120, 120, 120)), ('dark grey', (60, 60, 60)))
+
+
+def _nearest_colour_name(rgb) -> str:
+  names, refs = zip(*_COLOUR_NAMES)
+  rgb = np.asarray([rgb, *refs], np.float32)[None] / 255.0
+  lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2Lab)[0]
+  return names[int(np.argmin(np.sum((lab[1:] - lab[0]) ** 2, axis=-1)))]
+
+
+def class_names(num_classes: int) -> tuple:
+  """What the generated classes look like, e.g. 'violet stripes', 'pink wide
+  stripes'; index i is class i after reduce_zero_label (raw label i + 1).
+  Repeated names get ' 2', ' 3', ... so each name picks out one class."""
+  colours, periods = _class_style(num_classes)
+  names, seen = [], {}
+  for colour, period in zip(colours[1:], periods[1:]):
+    # The image shows the colour at 75-100 % brightness (the stripes): name the middle.
+    texture = 'fine stripes' if period <= 4 else 'stripes' if period <= 8 else 'wide stripes'
+    name = f'{_nearest_colour_name(colour * 0.875)} {texture}'
+    seen[name] = seen.get(name, 0) + 1
+    names.append(name if seen[name] == 1 else f'{name} {seen[name]}')
+  return tuple(names)
 
 
 def make_example(rng, num_classes: int, height: int, width: int, max_shapes: int = 4):
@@ -42,8 +80,11 @@ def make_example(rng, num_classes: int, height: int, width: int, max_shapes: int
 
 def write_ade_folder(root: str, num_train: int = 64, num_val: int = 16, num_classes: int = 150,
                      size_range=(96, 160), seed: int = 0) -> str:
-  """Writes ROOT/images/{training,validation}/*.jpg and annotations/…/*.png."""
+  """Writes ROOT/images/{training,validation}/*.jpg, annotations/…/*.png and
+  classes.txt (one name per line, class 0 first) for a person browsing it."""
   rng = np.random.default_rng(seed)
+  files.atomic_write(os.path.join(root, 'classes.txt'),
+                     ''.join(f'{name}\n' for name in class_names(num_classes)))
   for split, count in (('training', num_train), ('validation', num_val)):
     image_dir = os.path.join(root, 'images', split)
     label_dir = os.path.join(root, 'annotations', split)
