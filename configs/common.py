@@ -108,12 +108,12 @@ def base_config(variant: str = '224') -> ml_collections.ConfigDict:
       checkpoint=config_dict.placeholder(str),   # converted or trained full model
   ))
   c.data = ml_collections.ConfigDict(dict(
-      root=config_dict.placeholder(str),  # ADEChallengeData2016 folder (or prepared ArrayRecords)
-      source='folder',           # 'folder' | 'array_record' (python -m internseg_jax.data.prepare)
+      root=config_dict.placeholder(str),  # ADEChallengeData2016 folder, or a TFDS data dir
+      source='folder',           # 'folder' | 'tfds' (python -m internseg_jax.data.prepare)
       num_classes=150,
       reduce_zero_label=True,
       fraction=1,                # few-shot: train on a seeded 1/fraction subset
-      subset_seed=0,
+      subset_seed=0,             # random.seed of the draw; a reference log's 'Set random seed to S'
       # Training pipeline (mmseg): keep-ratio resize of (2016, 504) * U(0.5, 2),
       # random crop (cat_max_ratio), flip, photometric distortion, normalize, pad.
       crop_size=504,

@@ -207,7 +207,8 @@ class TfdsSource:
     if info.get('fileFormat') != 'array_record':
       raise DataError(f'{self.path} is stored as {info.get("fileFormat", "tfrecord")}; random '
                       'access needs array_record: build it again without --file_format')
-    counts = {s['name']: sum(int(n) for n in s.get('shardLengths', ())) for s in info.get('splits', ())}
+    counts = {s['name']: sum(int(n) for n in s.get('shardLengths', ()))
+              for s in info.get('splits', ())}
     metadata = _read_json(os.path.join(self.path, 'metadata.json'), 'metadata.json')
     names = metadata.get('file_names', {}).get(self.split)
     if self.split not in counts or names is None:

@@ -43,7 +43,7 @@ def fewshot_indices(num_examples: int, fraction: int, seed: int) -> np.ndarray:
   if int(fraction) != fraction or fraction < 1:
     raise ValueError(f'fraction must be a positive integer (1/N of the data), got {fraction}')
   if int(seed) != seed:
-    raise ValueError(f'seed must be an integer (the reference seeds random with an int), got {seed!r}')
+    raise ValueError(f'seed must be an integer (random.seed of the reference), got {seed!r}')
   count = num_examples // int(fraction)
   if count < 1:
     raise ValueError(f'1/{fraction} of {num_examples} examples is empty')

@@ -43,7 +43,8 @@ unchanged, in file-name order."""
 _CITATION = """\
 @inproceedings{zhou2017scene,
   title={Scene Parsing through ADE20K Dataset},
-  author={Zhou, Bolei and Zhao, Hang and Puig, Xavier and Fidler, Sanja and Barriuso, Adela and Torralba, Antonio},
+  author={Zhou, Bolei and Zhao, Hang and Puig, Xavier and Fidler, Sanja and Barriuso, Adela
+          and Torralba, Antonio},
   booktitle={CVPR},
   year={2017}
 }"""
