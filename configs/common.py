@@ -122,13 +122,13 @@ def base_config(variant: str = '224') -> ml_collections.ConfigDict:
       checkpoint=config_dict.placeholder(str),   # converted or trained full model
   ))
   c.data = ml_collections.ConfigDict(dict(
-      root=config_dict.placeholder(str),  # ADEChallengeData2016 folder (or a packed dataset)
-      source='folder',           # 'folder' | 'array_record' (python -m internseg_jax.data.prepare)
+      root=config_dict.placeholder(str),  # ADEChallengeData2016 folder, or a TFDS data dir
+      source='folder',           # 'folder' | 'tfds' (python -m internseg_jax.data.prepare)
       num_classes=num_classes,
       class_names=config_dict.placeholder(tuple),  # None: the ADE20K names for 150 classes
       reduce_zero_label=True,    # ADE20K: label 0 ("other") is ignored, k -> k - 1
-      fraction=1,                # few-shot: train on 1/fraction of the training list
-      subset_seed=0,             # few-shot: the seed of the original run's training log
+      fraction=1,                # few-shot: train on the first 1/fraction of the shuffled list
+      subset_seed=0,             # few-shot: random.seed of the draw (a reference log's seed)
       # Training pipeline (mmseg): keep-ratio resize of `scale` * U(ratio_range),
       # random crop (cat_max_ratio), flip, photometric distortion, normalize, pad.
       crop_size=crop,

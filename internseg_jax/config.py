@@ -19,7 +19,7 @@ CHOICES = {
     'model.param_dtype': ('float32', 'bfloat16'),
     'model.backbone.attention': ('auto', 'xla', 'cudnn'),
     'model.backbone.remat': ('none', 'full', 'dots', 'everything'),
-    'data.source': ('folder', 'array_record'),
+    'data.source': ('folder', 'tfds'),
     'eval.mode': ('slide', 'whole'),
     'eval.resize': ('short_side', 'fit'),
     'train.frozen_dtype': ('bfloat16', 'float32'),

@@ -1,13 +1,24 @@
-"""Seeded few-shot subsets of a training source (1/N of the examples).
+"""Few-shot subsets of a training source (1/N of the examples), drawn as the reference draws them.
 
-The reference draws an unseeded random subset; here it is
-`np.random.default_rng(seed).permutation(num_examples)[:num_examples // N]`,
-sorted. For one seed and count the subsets are nested (the 1/16 subset is part
-of the 1/8 one, and so on), as they are prefixes of one permutation. The chosen
-names are written to WORKDIR/fewshot_1of{N}.txt, which a resumed run reads back
-instead of drawing again, so the subset survives a change of machine or NumPy.
+In the reference (InternVL segmentation, configs ade20k_504x504_1of{N}.py:
+`max_image_num=20210 // N`), mmseg lists images/training/*.jpg sorted by file
+name (CustomDataset.load_annotations); tools/train.py has just called
+`set_random_seed(seed)`, whose first call is `random.seed(seed)`, with the run's
+seed (`--seed`, else drawn at random; printed in the training log as "Set random
+seed to S"); nothing consumes Python's `random` between that and the dataset
+(the model is built and initialised with torch's generator); then its
+ADE20KDataset calls `random.shuffle(self.img_infos)` and keeps the first
+20210 // N. `fewshot_indices(n, N, seed)` makes exactly those two calls on the
+list positions, so data.subset_seed=S with the full 20,210-image training list
+selects the images of a released run whose log shows seed S, in the same order.
+For one seed the subsets are nested (1/16 within 1/8 ...): prefixes of one shuffle.
+
+The chosen names are written to WORKDIR/fewshot_1of{N}.txt (in that order), which
+a resumed run reads back instead of drawing again, so the subset survives a
+change of machine or Python.
 """
 import os
+import random
 import re
 import tempfile
 
@@ -16,18 +27,37 @@ import numpy as np
 from internseg_jax.data.sources import DataError, SkippingSource
 
 _HEADER = re.compile(r'#.*fraction=1/(\d+) seed=(-?\d+) count=(\d+) of (\d+)')
+IMAGE_SUFFIX = '.jpg'  # mmseg's ADE20KDataset: img_suffix='.jpg', sorted by file name
 
 
 def fewshot_indices(num_examples: int, fraction: int, seed: int) -> np.ndarray:
-  """Sorted indices of `num_examples // fraction` examples (all for fraction 1)."""
+  """Positions in the file-name-sorted list of the `num_examples // fraction`
+  examples the reference keeps, in its (shuffled) order; all, in order, for 1.
+
+  `random.Random(seed).shuffle` is `random.seed(seed); random.shuffle(...)` on a
+  generator of its own: the same draws (the module functions are methods of one
+  hidden Random instance), without resetting the process's global `random`.
+  random.shuffle permutes positions only, so shuffling the positions gives the
+  permutation the reference applied to its list of image infos.
+  """
   if int(fraction) != fraction or fraction < 1:
     raise ValueError(f'fraction must be a positive integer (1/N of the data), got {fraction}')
+  if int(seed) != seed:
+    raise ValueError(f'seed must be an integer (random.seed of the reference), got {seed!r}')
   count = num_examples // int(fraction)
   if count < 1:
     raise ValueError(f'1/{fraction} of {num_examples} examples is empty')
   if fraction == 1:
     return np.arange(num_examples)
-  return np.sort(np.random.default_rng(seed).permutation(num_examples)[:count])
+  positions = list(range(num_examples))
+  random.Random(int(seed)).shuffle(positions)
+  return np.asarray(positions[:count], np.int64)
+
+
+def mmseg_order(names) -> list[int]:
+  """Indices of `names` (file stems) sorted as mmseg sorts the files: by
+  file name with its '.jpg' (for ADE's fixed-width names the same as by stem)."""
+  return sorted(range(len(names)), key=lambda i: names[i] + IMAGE_SUFFIX)
 
 
 def subset_path(workdir: str, fraction: int) -> str:
@@ -38,12 +68,14 @@ def write_subset(workdir: str, names, indices, fraction: int, seed: int) -> str:
   """Writes the names at `indices` (one per line, under a header comment) atomically.
 
   `names` are all the source's names; the file lists the chosen ones, without
-  extension, in index order (mmseg's split-file format, plus the header).
+  extension, in the order of `indices` (the reference's dataset order; mmseg's
+  split-file format, plus the header).
   """
   os.makedirs(workdir, exist_ok=True)
   path = subset_path(workdir, fraction)
   lines = [f'# internseg_jax few-shot subset: fraction=1/{int(fraction)} seed={int(seed)} '
-           f'count={len(indices)} of {len(names)}']
+           f'count={len(indices)} of {len(names)} '
+           '(sorted by file name, then random.seed(seed); random.shuffle; first count)']
   lines += [names[int(i)] for i in indices]
   fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', dir=workdir)
   try:
@@ -91,7 +123,8 @@ class SubsetSource:
 
 def fewshot_source(source, fraction: int, seed: int, workdir: str | None = None,
                    write: bool = True):
-  """`source` itself for fraction 1, else its 1/fraction SubsetSource.
+  """`source` itself for fraction 1, else its 1/fraction SubsetSource, drawn
+  as the reference draws it (see the module docstring) from `source.names`.
 
   With a workdir, the subset is read from fewshot_1of{N}.txt when present (it
   must have been drawn with the same seed from a source of the same size) and
@@ -117,7 +150,8 @@ def fewshot_source(source, fraction: int, seed: int, workdir: str | None = None,
     if missing:
       raise DataError(f'{path} lists {len(missing)} name(s) not in {source!r}: {missing[:5]}')
     return SubsetSource(source, [position[n] for n in names])
-  indices = fewshot_indices(len(source), fraction, seed)
+  order = mmseg_order(source.names)
+  indices = [order[i] for i in fewshot_indices(len(source), fraction, seed)]
   if path and write:
     write_subset(workdir, source.names, indices, fraction, seed)
   return SubsetSource(source, indices)
