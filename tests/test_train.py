@@ -88,14 +88,15 @@ def test_sharded_step_equals_single_device_step(data_root, freeze):
   before = jax.device_get(state8)
   batch = _batch(config)
   batch8 = {k: jax.device_put(v, sharding.batch_sharding(mesh8, v.ndim)) for k, v in batch.items()}
-  # The gradients agree (float32 sums in another order).
+  # The gradients agree (float32 sums in another order, amplified by BatchNorm's
+  # division by small batch variances: up to ~1e-5 of the global norm).
   rng = jax.random.key(1)
   grad = lambda trainer, state, b: jax.jit(jax.grad(
       lambda t: trainer.loss_fn(t, state.frozen, state.batch_stats, b, rng)[0]))(state.trainable)
   g8, g1 = grad(trainer8, state8, batch8), grad(trainer1, state1, batch)
   norm = float(optax.global_norm(g1))
   for k in g1:
-    np.testing.assert_allclose(np.asarray(g8[k]), np.asarray(g1[k]), rtol=1e-3, atol=1e-6 * norm,
+    np.testing.assert_allclose(np.asarray(g8[k]), np.asarray(g1[k]), rtol=1e-3, atol=1e-5 * norm,
                                err_msg=k)
   new8, m8 = trainer8.jit_step()(state8, batch8)
   new1, m1 = trainer1.jit_step()(state1, batch)
@@ -114,8 +115,11 @@ def test_sharded_step_equals_single_device_step(data_root, freeze):
         np.asarray(new1.trainable[k]))).astype(np.float32)).astype(np.float64)
     bound = 0.05 * np.abs(step1).max() + ulp
     assert np.all(np.abs(step8 - step1) <= bound), k
-    assert not np.array_equal(np.asarray(new1.trainable[k]), before.trainable[k]) or \
-        'gamma' in k or k.endswith('bias'), f'{k} did not change'
+    # A step too small for float32 at the parameter's size (lr * |g| below its
+    # ulp: e.g. QK-norm scales of 1.0 under mmseg's N(0, 0.01) conv_seg init) is lost.
+    visible = config.train.lr * np.abs(np.asarray(g1[k])).max() > ulp.max()
+    assert not visible or not np.array_equal(np.asarray(new1.trainable[k]), before.trainable[k]), \
+        f'{k} did not change'
   if freeze:
     assert all(k.startswith('backbone/') for k in new8.frozen) and new8.frozen
     assert not any(k.startswith('backbone/') for k in new8.trainable)
