@@ -120,3 +120,74 @@ def head_key(path: str) -> str:
       module = re.sub(r'_(\d+)', r'.\1', module).replace('/', '.')
       return '.'.join(filter(None, (head, module, leaf)))
   return path
+
+
+# ViT-Adapter backbone (InternVL-MMDetSeg `InternViTAdapter`), mmseg keys under
+# `backbone.`. Rows are relative to our `params/backbone/` and to `backbone.`;
+# the ViT blocks reuse BACKBONE_BLOCK. The adapter has no cls token (the
+# original sets it to None, so its state dict has none); a pretrained InternViT
+# file's `cls_token` is read by nobody.
+ADAPTER_TOP = (
+    ('pos_embed', 'pos_embed', SAME),  # (1, 1 + g*g, C) at img_size // 16, cls slot unused
+    ('patch_embed/kernel', 'patch_embed.proj.weight', CONV),
+    ('patch_embed/bias', 'patch_embed.proj.bias', SAME),
+    ('level_embed', 'level_embed', SAME),
+    ('up/kernel', 'up.weight', CONV_TRANSPOSE),
+    ('up/bias', 'up.bias', SAME),
+) + tuple((f'norm{k}/{ours}', f'norm{k}.{theirs}', SAME)
+          for k in range(1, 5) for ours, theirs in (('scale', 'weight'), ('bias', 'bias')))
+ADAPTER_DROPPED = ('cls_token',)
+
+
+def _norm_rows(ours: str, theirs: str):
+  return ((f'{ours}/scale', f'{theirs}.weight', SAME), (f'{ours}/bias', f'{theirs}.bias', SAME))
+
+
+# SPM: stem.{0,3,6} convs and stem.{1,4,7} channels-first LayerNorms; conv{2,3,4}.0
+# conv, .1 LayerNorm; fc1..fc4 1x1 convs with bias.
+ADAPTER_SPM = tuple(
+    row for conv, norm in (('stem_0', 'stem_1'), ('stem_3', 'stem_4'), ('stem_6', 'stem_7'),
+                           ('conv2_0', 'conv2_1'), ('conv3_0', 'conv3_1'), ('conv4_0', 'conv4_1'))
+    for row in ((f'spm/{conv}/kernel', 'spm.' + conv.replace('_', '.') + '.weight', CONV),)
+    + _norm_rows(f'spm/{norm}', 'spm.' + norm.replace('_', '.'))
+) + tuple(row for k in range(1, 5) for row in (
+    (f'spm/fc{k}/kernel', f'spm.fc{k}.weight', CONV), (f'spm/fc{k}/bias', f'spm.fc{k}.bias', SAME)))
+
+DEFORM_ATTN = tuple(
+    row for name in ('sampling_offsets', 'attention_weights', 'value_proj', 'output_proj')
+    for row in ((f'attn/{name}/kernel', f'attn.{name}.weight', LINEAR),
+                (f'attn/{name}/bias', f'attn.{name}.bias', SAME)))
+
+ADAPTER_INJECTOR = (_norm_rows('query_norm', 'query_norm') + _norm_rows('feat_norm', 'feat_norm')
+                    + (('gamma', 'gamma', SAME),) + DEFORM_ATTN)
+
+ADAPTER_EXTRACTOR = (
+    _norm_rows('query_norm', 'query_norm') + _norm_rows('feat_norm', 'feat_norm')
+    + _norm_rows('ffn_norm', 'ffn_norm') + DEFORM_ATTN + (
+        ('ffn/fc1/kernel', 'ffn.fc1.weight', LINEAR),
+        ('ffn/fc1/bias', 'ffn.fc1.bias', SAME),
+        # Depth-wise Conv2d weight (C, 1, 3, 3) -> (3, 3, 1, C), as any conv.
+        ('ffn/dwconv/kernel', 'ffn.dwconv.dwconv.weight', CONV),
+        ('ffn/dwconv/bias', 'ffn.dwconv.dwconv.bias', SAME),
+        ('ffn/fc2/kernel', 'ffn.fc2.weight', LINEAR),
+        ('ffn/fc2/bias', 'ffn.fc2.bias', SAME),
+    ))
+
+
+def adapter_rows(depth: int, num_interactions: int, prefix: str = 'backbone.'):
+  """Every (our path, torch key, transform, block index or None) of an adapter
+  backbone; the last interaction has the two extra extractors."""
+  for path, key, t in ADAPTER_TOP + ADAPTER_SPM:
+    yield path, prefix + key, t, None
+  for path, key, t in BACKBONE_BLOCK:
+    for i in range(depth):
+      yield 'blocks/' + path, f'{prefix}blocks.{i}.{key}', t, i
+  for i in range(num_interactions):
+    ours, theirs = f'interactions_{i}/', f'{prefix}interactions.{i}.'
+    modules = [('injector', 'injector', ADAPTER_INJECTOR), ('extractor', 'extractor', ADAPTER_EXTRACTOR)]
+    if i == num_interactions - 1:
+      modules += [(f'extra_extractors_{j}', f'extra_extractors.{j}', ADAPTER_EXTRACTOR)
+                  for j in range(2)]
+    for our_module, their_module, rows in modules:
+      for path, key, t in rows:
+        yield f'{ours}{our_module}/{path}', f'{theirs}{their_module}.{key}', t, None

@@ -162,6 +162,47 @@ class Block(nn.Module):
     return x
 
 
+def embed_patches(images, embed_dim: int, patch_size: int, dtype, param_dtype):
+  """The patch embedding (call inside a compact method): a p x p conv with
+  stride p named `patch_embed` in the calling module; (B, H, W, 3) images ->
+  (B, H/p * W/p, C) tokens in row-major order."""
+  b = images.shape[0]
+  x = nn.Conv(embed_dim, (patch_size, patch_size), strides=(patch_size, patch_size),
+              padding='VALID', dtype=dtype, param_dtype=param_dtype,
+              name='patch_embed')(images.astype(dtype))
+  return x.reshape(b, -1, embed_dim)
+
+
+def scan_blocks(block: Block, blocks, x, start: int, end: int, remat: str = 'full',
+                rates=None, keys=None, sliced: bool = False):
+  """Runs blocks start..end (inclusive) of the stacked `blocks` params on x with
+  `lax.scan`, each step rematerialized with the `remat` policy. `keys` given:
+  stochastic depth with `rates[i]` for block i. `sliced`: the scan closes over
+  its own slice of the stack (see InternViT.__call__)."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}')
+  stack, offset = blocks, 0
+  if sliced:
+    # Differentiated: each scan closes over its own slice, so the backward
+    # pass accumulates one slice-sized gradient per scan instead of one
+    # full-depth buffer per scan (4x the weights for UperNet's 4 outputs).
+    stack = jax.tree.map(lambda a: a[start:end + 1], blocks)
+    offset = start
+
+  def body(x, i):
+    # The stack is closed over and indexed, so the scan does not copy it.
+    layer = jax.tree.map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, i - offset, keepdims=False), stack)
+    if keys is not None:
+      return block.apply({'params': layer}, x, rates[i], keys[i]), None
+    return block.apply({'params': layer}, x), None
+
+  if remat != 'none':
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  x, _ = jax.lax.scan(body, x, jnp.arange(start, end + 1))
+  return x
+
+
 class InternViT(nn.Module):
   """InternViT backbone. Input (B, H, W, 3) normalized images, H and W multiples of
   `patch_size`; output a list of (B, H/p, W/p, C) maps, one per `out_indices`."""
@@ -204,9 +245,7 @@ class InternViT(nn.Module):
     grid = (h // p, w // p)
     g = self.img_size // p
 
-    x = nn.Conv(c, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                param_dtype=self.param_dtype, name='patch_embed')(images.astype(self.dtype))
-    x = x.reshape(b, grid[0] * grid[1], c)
+    x = embed_patches(images, c, p, self.dtype, self.param_dtype)
     init = nn.initializers.truncated_normal(0.02)
     cls_token = self.param('cls_token', init, (1, 1, c), self.param_dtype)
     pos_embed = self.param('pos_embed', init, (1, 1 + g * g, c), self.param_dtype)
@@ -230,28 +269,10 @@ class InternViT(nn.Module):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}')
 
-    def make_body(stack, offset):
-      def body(x, i):
-        # The stack is closed over and indexed, so the scan does not copy it.
-        layer = jax.tree.map(
-            lambda a: jax.lax.dynamic_index_in_dim(a, i - offset, keepdims=False), stack)
-        if stochastic:
-          return block.apply({'params': layer}, x, rates[i], keys[i]), None
-        return block.apply({'params': layer}, x), None
-      if self.remat != 'none':
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
-      return body
-
     features, start = {}, 0
     for end in indices:
-      stack, offset = blocks, 0
-      if self.sliced_scan and len(indices) > 1:
-        # Differentiated: each scan closes over its own slice, so the backward
-        # pass accumulates one slice-sized gradient per scan instead of one
-        # full-depth buffer per scan (4x the weights for UperNet's 4 outputs).
-        stack = jax.tree.map(lambda a: a[start:end + 1], blocks)
-        offset = start
-      x, _ = jax.lax.scan(make_body(stack, offset), x, jnp.arange(start, end + 1))
+      x = scan_blocks(block, blocks, x, start, end, self.remat, rates, keys,
+                      sliced=self.sliced_scan and len(indices) > 1)
       features[end] = x[:, 1:tokens].reshape(b, grid[0], grid[1], c)
       start = end + 1
     return [features[int(i) % self.depth] for i in self.out_indices]
