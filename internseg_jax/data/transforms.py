@@ -1,4 +1,4 @@
-"""Image transforms with mmcv 1.x / mmseg 0.27 semantics (DESIGN.md A4).
+"""Image transforms with mmcv 1.x / mmseg 0.27 semantics (docs/reference.md, "Data").
 
 Images are numpy uint8 (H, W, 3) in RGB. Every resize is OpenCV bilinear on the
 uint8 image and rounds back to uint8, as mmcv does: resizing in float, or going
