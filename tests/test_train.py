@@ -88,15 +88,17 @@ def test_sharded_step_equals_single_device_step(data_root, freeze):
   before = jax.device_get(state8)
   batch = _batch(config)
   batch8 = {k: jax.device_put(v, sharding.batch_sharding(mesh8, v.ndim)) for k, v in batch.items()}
-  # The gradients agree (float32 sums in another order, amplified by BatchNorm's
-  # division by small batch variances: up to ~1e-5 of the global norm).
+  # The gradients agree up to float32 sums in another order. BatchNorm divides by
+  # sqrt(batch variance + 1e-5), which amplifies them for a channel whose batch
+  # variance is near zero (seen: one UperNet channel, 2e-5 of the global norm).
+  # A sharding bug (e.g. per-device statistics) is of the order of the norm.
   rng = jax.random.key(1)
   grad = lambda trainer, state, b: jax.jit(jax.grad(
       lambda t: trainer.loss_fn(t, state.frozen, state.batch_stats, b, rng)[0]))(state.trainable)
   g8, g1 = grad(trainer8, state8, batch8), grad(trainer1, state1, batch)
   norm = float(optax.global_norm(g1))
   for k in g1:
-    np.testing.assert_allclose(np.asarray(g8[k]), np.asarray(g1[k]), rtol=1e-3, atol=1e-5 * norm,
+    np.testing.assert_allclose(np.asarray(g8[k]), np.asarray(g1[k]), rtol=1e-3, atol=1e-4 * norm,
                                err_msg=k)
   new8, m8 = trainer8.jit_step()(state8, batch8)
   new1, m1 = trainer1.jit_step()(state1, batch)
