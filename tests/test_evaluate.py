@@ -104,7 +104,7 @@ def test_inference_model_slide_matches_the_reference_segmentor():
   """A real (tiny) segmentor: inference_model's slide inference equals the
   reference segmentor run window by window as mmseg does, at the original size."""
   torch_model = fx.torch_segmentor('uper', seed=11)
-  from convert.pth_to_orbax import state_dict_to_variables
+  from tests.convert_helpers import state_dict_to_variables
   config = fx.tiny_config('uper')
   variables = state_dict_to_variables(torch_model.state_dict(), config)
   model = api.init_model(config)
