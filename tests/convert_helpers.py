@@ -61,3 +61,59 @@ def original_init_weights(sd, img_size: int, patch_size: int = 14):
       sd['patch_embed.proj.weight'], size=(patch_size, patch_size), mode='bicubic',
       align_corners=False)
   return sd
+
+
+# ----------------------------------------------------------------------------- Hugging Face layout
+
+def hf_name(pth: str) -> str:
+  """A .pth name -> InternVisionModel's (InternVL's modeling_intern_vit.py),
+  written out from its modules (embeddings.*, encoder.layers.{i}.*, ls1/ls2
+  plain parameters)."""
+  top = {'cls_token': 'embeddings.class_embedding',
+         'pos_embed': 'embeddings.position_embedding',
+         'patch_embed.proj.weight': 'embeddings.patch_embedding.weight',
+         'patch_embed.proj.bias': 'embeddings.patch_embedding.bias'}
+  if pth in top:
+    return top[pth]
+  _, i, leaf = pth.split('.', 2)
+  leaf = {'ls1.gamma': 'ls1', 'ls2.gamma': 'ls2'}.get(leaf, leaf)
+  return f'encoder.layers.{i}.{leaf}'
+
+
+def intern_vision_config(width: int, depth: int, heads: int, image_size: int) -> dict:
+  """config.json of an InternViT repository (InternVisionConfig's fields)."""
+  return dict(architectures=['InternVisionModel'], model_type='intern_vit_6b',
+              hidden_size=width, intermediate_size=4 * width, num_attention_heads=heads,
+              num_hidden_layers=depth, image_size=image_size, patch_size=14, qkv_bias=False,
+              qk_normalization=True, norm_type='rms_norm', layer_norm_eps=1e-6,
+              hidden_act='gelu', torch_dtype='bfloat16', use_flash_attn=True)
+
+
+def save_pretrained(folder, tensors: dict, config: dict, max_shard_bytes: int):
+  """Writes torch `tensors` as Hugging Face's save_pretrained does: shards filled
+  in order up to `max_shard_bytes` (model-0000k-of-0000n.safetensors, metadata
+  {'format': 'pt'}), model.safetensors.index.json and config.json. Returns the
+  shard paths."""
+  import json
+  import pathlib
+  from safetensors.torch import save_file
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  shards, current, size = [], {}, 0
+  for name, tensor in tensors.items():
+    nbytes = tensor.numel() * tensor.element_size()
+    if current and size + nbytes > max_shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[name], size = tensor.contiguous(), size + nbytes
+  shards.append(current)
+  weight_map = {}
+  for k, shard in enumerate(shards, 1):
+    filename = f'model-{k:05d}-of-{len(shards):05d}.safetensors'
+    save_file(shard, str(folder / filename), metadata={'format': 'pt'})
+    weight_map.update(dict.fromkeys(shard, filename))
+  total = sum(t.numel() * t.element_size() for t in tensors.values())
+  (folder / 'model.safetensors.index.json').write_text(json.dumps(
+      {'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2, sort_keys=True))
+  (folder / 'config.json').write_text(json.dumps(config, indent=2, sort_keys=True))
+  return [folder / f for f in sorted(set(weight_map.values()))]

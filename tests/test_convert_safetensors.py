@@ -6,6 +6,7 @@ language-model tensors), written here the way Hugging Face writes them
 order, an index with metadata.total_size and weight_map). The same weights in
 the .pth layout must give exactly the same variables.
 """
+import hashlib
 import json
 import os
 import subprocess
@@ -21,60 +22,21 @@ from safetensors.torch import save_file
 from convert import pth_to_orbax
 from internseg_jax import api, checkpoint
 from internseg_jax.errors import ConversionError
+from tests.convert_helpers import hf_name, intern_vision_config, save_pretrained
 from tests.reference.intern_vit_torch import InternViTTorch, randomize_
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, HEADS, DEPTH, PRETRAIN = 64, 2, 4, 56
 
 
+def vision_config():
+  return intern_vision_config(width=WIDTH, depth=DEPTH, heads=HEADS, image_size=PRETRAIN)
+
+
 def pth_state_dict():
   model = InternViTTorch(embed_dim=WIDTH, depth=DEPTH, num_heads=HEADS, pretrain_size=PRETRAIN,
                          out_indices=[DEPTH - 1])
   return {k: v.detach().to(torch.bfloat16) for k, v in randomize_(model, 3).state_dict().items()}
-
-
-def hf_name(pth: str) -> str:
-  """InternVisionModel's names (modeling_intern_vit.py), written out from its modules."""
-  top = {'cls_token': 'embeddings.class_embedding',
-         'pos_embed': 'embeddings.position_embedding',
-         'patch_embed.proj.weight': 'embeddings.patch_embedding.weight',
-         'patch_embed.proj.bias': 'embeddings.patch_embedding.bias'}
-  if pth in top:
-    return top[pth]
-  _, i, leaf = pth.split('.', 2)
-  leaf = {'ls1.gamma': 'ls1', 'ls2.gamma': 'ls2'}.get(leaf, leaf)
-  return f'encoder.layers.{i}.{leaf}'
-
-
-def vision_config():
-  return dict(architectures=['InternVisionModel'], model_type='intern_vit_6b',
-              hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_attention_heads=HEADS,
-              num_hidden_layers=DEPTH, image_size=PRETRAIN, patch_size=14, qkv_bias=False,
-              qk_normalization=True, norm_type='rms_norm', layer_norm_eps=1e-6,
-              hidden_act='gelu', torch_dtype='bfloat16', use_flash_attn=True)
-
-
-def save_pretrained(folder, tensors: dict, config: dict, max_shard_bytes: int):
-  """Shards filled in order up to `max_shard_bytes`, as transformers' save_pretrained."""
-  folder.mkdir(parents=True, exist_ok=True)
-  shards, current, size = [], {}, 0
-  for name, tensor in tensors.items():
-    nbytes = tensor.numel() * tensor.element_size()
-    if current and size + nbytes > max_shard_bytes:
-      shards.append(current)
-      current, size = {}, 0
-    current[name], size = tensor.contiguous(), size + nbytes
-  shards.append(current)
-  weight_map = {}
-  for k, shard in enumerate(shards, 1):
-    filename = f'model-{k:05d}-of-{len(shards):05d}.safetensors'
-    save_file(shard, str(folder / filename), metadata={'format': 'pt'})
-    weight_map.update(dict.fromkeys(shard, filename))
-  total = sum(t.numel() * t.element_size() for t in tensors.values())
-  (folder / 'model.safetensors.index.json').write_text(json.dumps(
-      {'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2, sort_keys=True))
-  (folder / 'config.json').write_text(json.dumps(config, indent=2, sort_keys=True))
-  return [folder / f for f in sorted(set(weight_map.values()))]
 
 
 @pytest.fixture(scope='module')
@@ -119,7 +81,7 @@ def test_sharded_folder_equals_pth(weights):
   assert listed == [str(folder / 'hf' / 'config.json'),
                     str(folder / 'hf' / 'model.safetensors.index.json')] + [str(s) for s in shards]
   for entry in info['files']:
-    assert entry['sha256'] == __import__('hashlib').sha256(open(entry['path'], 'rb').read()).hexdigest()
+    assert entry['sha256'] == hashlib.sha256(open(entry['path'], 'rb').read()).hexdigest()
   assert 'sha256' not in info  # several files: see 'files'
 
 
