@@ -21,9 +21,8 @@ import ml_dtypes
 import numpy as np
 
 from convert.tensors import TensorInfo, TensorSource
-from internseg_jax.errors import ConversionError
-
-ConversionError = ConversionError  # kept importable from here (older imports)
+# Also importable as convert.torch_io.ConversionError (older imports).
+from internseg_jax.errors import ConversionError  # noqa: F401
 
 # Numeric numpy dtypes whose instances a numpy scalar pickle rebuilds (the BUILD
 # step runs the dtype's own __setstate__); no object, string or void dtypes.

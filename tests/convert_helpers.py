@@ -1,6 +1,9 @@
 """Test (and benchmark) helpers around the converter: in-memory state dicts
 straight to our numpy variables, without files."""
+import os
+
 import jax
+import numpy as np
 
 from convert import backbone, lazy_stack
 from convert.pth_to_orbax import build_variables
@@ -117,3 +120,107 @@ def save_pretrained(folder, tensors: dict, config: dict, max_shard_bytes: int):
       {'metadata': {'total_size': total}, 'weight_map': weight_map}, indent=2, sort_keys=True))
   (folder / 'config.json').write_text(json.dumps(config, indent=2, sort_keys=True))
   return [folder / f for f in sorted(set(weight_map.values()))]
+
+
+# ----------------------------------------------------------------------------- tiny InternViT files
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WIDTH, HEADS, DEPTH, PRETRAIN, PATCH = 64, 2, 4, 56, 14
+OUT = (1, 3)
+
+
+def torch_model(depth=DEPTH, width=WIDTH, heads=HEADS, seed=0, pretrain=PRETRAIN, patch=PATCH):
+  """The float32 PyTorch reference InternViT (tests/reference), randomized."""
+  from tests.reference.intern_vit_torch import InternViTTorch, randomize_
+  model = InternViTTorch(embed_dim=width, depth=depth, num_heads=heads, pretrain_size=pretrain,
+                         patch_size=patch, out_indices=[i for i in OUT if i < depth])
+  return randomize_(model, seed=seed).eval()
+
+
+def tiny_config(img_size=PRETRAIN, depth=DEPTH, patch=PATCH):
+  from internseg_jax import api
+  config = api.load_config(os.path.join(ROOT, f'configs/features.py:tiny,img_size={img_size}'))
+  bb = config.model.backbone
+  bb.pretrain_size, bb.depth, bb.out_indices, bb.patch_size = PRETRAIN, depth, list(OUT), patch
+  config.model.dtype = 'float32'
+  return config
+
+
+def stored(dst):
+  """The converted variables' stored shapes and dtypes (no data read)."""
+  from internseg_jax import checkpoint
+  return checkpoint.params_metadata(checkpoint.find_params_dir(dst))
+
+
+def restored(dst):
+  from internseg_jax import checkpoint
+  params_dir = checkpoint.find_params_dir(dst)
+  return checkpoint.restore_params(params_dir, checkpoint.params_metadata(params_dir))
+
+
+def as_numpy(tensor):
+  return to_numpy(tensor.contiguous())
+
+
+def rel_l2(a, b):
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def reference_features(sd, images, pretrain=PRETRAIN, patch=PATCH):
+  """The float32 torch reference on `sd` (cast to float32), as NHWC numpy."""
+  import torch
+  model = torch_model(pretrain=pretrain, patch=patch)
+  model.load_state_dict({k: v.float() for k, v in sd.items()})
+  with torch.no_grad():
+    feats = model(torch.from_numpy(images).permute(0, 3, 1, 2))
+  return [f.permute(0, 2, 3, 1).numpy() for f in feats]
+
+
+def check_features(sd, dst, img_size, patch=PATCH, reference_pretrain=PRETRAIN):
+  """Our features from the converted `dst` vs the reference on `sd`: relative
+  L2 error <= 1e-5 (float32 on both sides)."""
+  from internseg_jax import api
+  model = api.init_model(tiny_config(img_size, patch=patch), str(dst))
+  images = np.random.default_rng(img_size).standard_normal((2, img_size, img_size, 3),
+                                                            np.float32)
+  ours = api.extract_features(model, images)
+  ref = reference_features(sd, images, reference_pretrain, patch)
+  assert len(ours) == len(ref) == len(OUT)
+  grid = img_size // patch
+  for a, b in zip(ours, ref):
+    assert a.shape == b.shape == (2, grid, grid, WIDTH)
+    assert rel_l2(np.asarray(a), b) <= 1e-5
+  return model
+
+
+def run_main(*args):
+  """`python -m convert.pth_to_orbax ARGS` in this process -> its exit code."""
+  import pytest
+  from convert import pth_to_orbax
+  pth_to_orbax.FLAGS(['convert', *args])
+  try:
+    with pytest.raises(SystemExit) as e:
+      pth_to_orbax.main([])
+  finally:
+    pth_to_orbax.FLAGS.unparse_flags()
+  return e.value.code
+
+
+def with_stored_resizes(sd, dst):
+  """`sd` with our stored pos_embed and patch kernel, in the PyTorch layout (so
+  the features compare the model, not the one-step bf16 differences above)."""
+  import torch
+  back = restored(dst)['params']['backbone']
+  kernel = np.asarray(back['patch_embed']['kernel'], np.float32).transpose(3, 2, 0, 1)
+  return dict(sd, pos_embed=torch.from_numpy(np.asarray(back['pos_embed'], np.float32)),
+              **{'patch_embed.proj.weight': torch.from_numpy(kernel.copy())})
+
+
+def bf16_steps(got, want):
+  """Elements that differ, and the largest difference in bf16 steps (ulps)."""
+  import ml_dtypes
+  got = np.asarray(got, ml_dtypes.bfloat16).astype(np.float32)
+  want = np.asarray(want, ml_dtypes.bfloat16).astype(np.float32)
+  ulp = np.spacing(np.abs(want).astype(ml_dtypes.bfloat16)).astype(np.float32)
+  steps = np.abs(got - want) / np.maximum(ulp, np.finfo(np.float32).tiny)
+  return int((got != want).sum()), float(steps.max())
