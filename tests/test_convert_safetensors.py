@@ -215,3 +215,19 @@ def test_hugging_face_route_needs_no_torch(weights, tmp_path):
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert_same_variables(tmp_path / 'out', folder / 'from_pth')
+
+
+def test_problems_are_named_as_in_the_file(weights, tmp_path):
+  _, sd, _ = weights
+  tensors = {hf_name(k): v for k, v in sd.items()}
+  del tensors['encoder.layers.1.ls2']
+  tensors['encoder.layers.2.mlp.fc2.bias'] = torch.zeros(3)
+  save_file(tensors, str(tmp_path / 'model.safetensors'), metadata={'format': 'pt'})
+  with pytest.raises(ConversionError) as e:
+    pth_to_orbax.convert(str(tmp_path / 'model.safetensors'), str(tmp_path / 'out'))
+  lines = str(e.value).splitlines()
+  assert lines[0] == f'{tmp_path / "model.safetensors"}: the tensors do not fit an InternViT: ' \
+                     '2 problem(s)'
+  assert lines[1:] == ['  missing: encoder.layers.1.ls2 (64,)',
+                       '  wrong shape: encoder.layers.2.mlp.fc2.bias is (3,), expected (64,)']
+  assert not (tmp_path / 'out').exists()
