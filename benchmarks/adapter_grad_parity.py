@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from convert import name_map  # noqa: E402
 from convert.adapter import adapter_params  # noqa: E402
 from internseg_jax.models.adapter import InternViTAdapter  # noqa: E402
-from internseg_jax.trees import flatten  # noqa: E402
+from internseg_jax.weights import flatten  # noqa: E402
 from tests.reference import adapter_torch as ref  # noqa: E402
 
 ARCH = dict(embed_dim=64, depth=2, num_heads=4, img_size=64, conv_inplane=16,

@@ -17,7 +17,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from convert.pth_to_orbax import state_dict_to_params  # noqa: E402
+from tests.convert_helpers import state_dict_to_params  # noqa: E402
 from internseg_jax.models.intern_vit import InternViT  # noqa: E402
 from tests.reference.intern_vit_torch import InternViTTorch, randomize_  # noqa: E402
 

@@ -129,7 +129,7 @@ def part_torch(cfg):
 def part_parity(cfg):
   """Same weights in both frameworks (full width, 4 blocks), outputs compared."""
   import jax, jax.numpy as jnp, numpy as np, torch
-  from convert.pth_to_orbax import state_dict_to_params
+  from tests.convert_helpers import state_dict_to_params
   from internseg_jax.models.intern_vit import InternViT
   dev = 'cuda' if torch.cuda.is_available() else 'cpu'
   small = dict(cfg, depth=4, batch=2)

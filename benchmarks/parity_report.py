@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax.numpy as jnp  # noqa: E402
 
-from convert.pth_to_orbax import state_dict_to_params  # noqa: E402
+from tests.convert_helpers import state_dict_to_params  # noqa: E402
 from internseg_jax.models.intern_vit import InternViT  # noqa: E402
 from tests.reference import intern_vit_torch as ref  # noqa: E402
 from tests.test_intern_vit import CASES, images_of, rel_l2, torch_features  # noqa: E402

@@ -1,1 +1,2 @@
-"""PyTorch -> Orbax conversion of the pretrained backbones and released segmentors."""
+"""Conversion of InternViT-6B weights (.pth, Hugging Face safetensors) and released
+mmseg segmentors into Orbax checkpoints."""

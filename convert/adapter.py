@@ -11,7 +11,7 @@ import numpy as np
 from convert import name_map, torch_io
 from convert.pth_to_orbax import check_keys
 from internseg_jax.models.adapter import InternViTAdapter
-from internseg_jax.trees import flatten, unflatten
+from internseg_jax.weights import flatten, unflatten
 
 
 def expected_params(model: InternViTAdapter) -> dict:

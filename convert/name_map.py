@@ -49,6 +49,41 @@ BACKBONE_BLOCK = (
 )
 
 
+# Hugging Face InternVisionModel names (InternVL's modeling_intern_vit.py) -> the
+# .pth names above. The shapes are the same: class_embedding (1, 1, C),
+# position_embedding (1, 1 + g*g, C), patch_embedding Conv2d (C, 3, p, p), and
+# ls1/ls2 plain (C,) parameters where the .pth has ls1.gamma/ls2.gamma.
+HF_TOP = {
+    'embeddings.class_embedding': 'cls_token',
+    'embeddings.position_embedding': 'pos_embed',
+    'embeddings.patch_embedding.weight': 'patch_embed.proj.weight',
+    'embeddings.patch_embedding.bias': 'patch_embed.proj.bias',
+}
+HF_BLOCK_LEAVES = {'ls1': 'ls1.gamma', 'ls2': 'ls2.gamma'}  # the rest keep their names
+
+
+def hf_to_pth(name: str) -> str | None:
+  """An InternVisionModel tensor name -> the .pth name; None if it is not one."""
+  if name in HF_TOP:
+    return HF_TOP[name]
+  m = re.fullmatch(r'encoder\.layers\.(\d+)\.(.+)', name)
+  if m:
+    return f'blocks.{m.group(1)}.{HF_BLOCK_LEAVES.get(m.group(2), m.group(2))}'
+  return None
+
+
+def pth_to_hf(name: str) -> str:
+  """The inverse of `hf_to_pth` (for messages about tensors a file lacks)."""
+  for theirs, ours in HF_TOP.items():
+    if name == ours:
+      return theirs
+  m = re.fullmatch(r'blocks\.(\d+)\.(.+)', name)
+  if not m:
+    return name
+  leaf = {v: k for k, v in HF_BLOCK_LEAVES.items()}.get(m.group(2), m.group(2))
+  return f'encoder.layers.{m.group(1)}.{leaf}'
+
+
 def backbone_rows(depth: int, prefix: str = ''):
   """Every (our path, torch key, transform, block index or None) of a backbone."""
   for path, key, t in BACKBONE_TOP:

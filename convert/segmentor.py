@@ -1,50 +1,54 @@
 """Released mmseg segmentation checkpoints: backbone, pyramid neck and heads.
 
-mmseg files are `{'meta': ..., 'state_dict': {...}}` with `backbone.` (InternViT
-plus `backbone.up1/up2` of the neck), `decode_head.` and `auxiliary_head.` keys.
-The head kind (linear or UperNet), widths, classes and the auxiliary head are
-read from the tensors; the backbone's `pos_embed` is already at the crop grid.
+Segmentor files hold `backbone.` (InternViT plus `backbone.up1/up2` of the
+neck), `decode_head.` and `auxiliary_head.` tensors, as mmcv checkpoints
+`{'meta', 'state_dict', 'optimizer'}` or in the original's release format
+`{'module': state_dict}`. The head kind (linear or UperNet), widths, classes and
+the auxiliary head are read from the tensors; the backbone's `pos_embed` is
+already at the crop grid. Neck and head tensors are matched strictly (an
+unknown one means a head we would not build).
 """
 import jax
 import ml_collections
-import numpy as np
 
 from configs import common
-from convert import name_map, torch_io
-from convert.torch_io import ConversionError
+from convert import name_map
+from internseg_jax.errors import ConversionError
 from internseg_jax.models.build import build_segmentor, module_inits
+from internseg_jax.weights import key_problems, raise_problems
 
 NECK_PREFIXES = ('backbone.up1.', 'backbone.up2.', 'backbone.up3.', 'backbone.up4.')
 HEAD_PREFIXES = ('decode_head.', 'auxiliary_head.')
 
 
-def is_segmentor(sd) -> bool:
-  return any(k.startswith(HEAD_PREFIXES) for k in sd)
+def is_segmentor(names) -> bool:
+  return any(k.startswith(HEAD_PREFIXES) for k in names)
 
 
-def backbone_part(sd) -> dict:
-  """The InternViT tensors of a segmentor state dict (neck and heads left out)."""
-  return {k: v for k, v in sd.items()
-          if k.startswith('backbone.') and not k.startswith(NECK_PREFIXES)}
+def backbone_names(names) -> list[str]:
+  """The InternViT tensors of a segmentor (neck and heads left out)."""
+  return [k for k in names if k.startswith('backbone.') and not k.startswith(NECK_PREFIXES)]
 
 
-def detect_heads(sd) -> dict:
+def detect_heads(source) -> dict:
   """Head kind, widths and classes from the tensors."""
-  def shape(key):
-    if key not in sd:
-      raise ConversionError(f'cannot detect the head: {key!r} is missing')
-    return tuple(sd[key].shape)
+  names = source.tensors
 
-  uper = 'decode_head.psp_modules.0.1.conv.weight' in sd
+  def shape(key):
+    if key not in names:
+      raise ConversionError(f'cannot detect the head: {key!r} is missing')
+    return source.shape(key)
+
+  uper = 'decode_head.psp_modules.0.1.conv.weight' in names
   heads = dict(type='uper' if uper else 'linear',
                num_classes=shape('decode_head.conv_seg.weight')[0],
-               with_fpn='backbone.up1.0.weight' in sd,
+               with_fpn='backbone.up1.0.weight' in names,
                aux_channels=None)
   if uper:
     heads['channels'] = shape('decode_head.bottleneck.conv.weight')[0]
-    heads['pool_scales'] = len({k.split('.')[2] for k in sd
+    heads['pool_scales'] = len({k.split('.')[2] for k in names
                                 if k.startswith('decode_head.psp_modules.')})
-  if any(k.startswith('auxiliary_head.') for k in sd):
+  if any(k.startswith('auxiliary_head.') for k in names):
     heads['aux_channels'] = shape('auxiliary_head.convs.0.conv.weight')[0]
   return heads
 
@@ -63,8 +67,13 @@ def model_config(arch: dict, heads: dict, num_heads: int, img_size: int, config=
         ('backbone.with_fpn', heads['with_fpn'], model.backbone.with_fpn),
         ('auxiliary_head.channels', heads['aux_channels'], aux.channels if aux else None))
         if have != want]
-    if wrong:
-      raise ConversionError('the file does not match the config:\n  ' + '\n  '.join(wrong))
+    if wrong and all(w.startswith('auxiliary_head.channels: file has None') for w in wrong):
+      raise ConversionError(
+          'the file has no auxiliary head (no auxiliary_head.* tensors) but the config has '
+          'model.auxiliary_head: convert without --config (the heads are then read from the '
+          'tensors); a model of this config starts its auxiliary head, which only training '
+          'uses, from random weights')
+    raise_problems(wrong, 'the file does not match the config', ConversionError)
     return model
   model = common.base_config('224').model
   model.unlock()
@@ -95,35 +104,39 @@ def expected_heads(model) -> dict:
   return out
 
 
-def heads_variables(sd, model) -> dict:
-  """Flat numpy variables of the neck and heads, strictly checked."""
-  expected = expected_heads(model)
-  rows = {path: (key, t) for path, key, t in name_map.NECK}
-  neck = {key: (path, t) for path, key, t in name_map.NECK}
-  problems = []
-  for key in sorted(k for k in sd if k.startswith(HEAD_PREFIXES + NECK_PREFIXES)):
+def _rows(model) -> dict:
+  """mmseg key -> (our path, transform, our shape) of every neck and head tensor."""
+  neck = {path: (key, t) for path, key, t in name_map.NECK}
+  rows = {}
+  for path, leaf in expected_heads(model).items():
+    if path in neck:
+      key, transform = neck[path]
+    else:
+      key = name_map.head_key(path)
+      transform = name_map.head_path(key)[1]
+    rows[key] = (path, transform, tuple(leaf.shape))
+  return rows
+
+
+def heads_variables(source, model) -> dict:
+  """Flat numpy variables of the neck and heads; every missing, unexpected or
+  mis-shaped tensor is an error (BatchNorm step counters are dropped)."""
+  rows = _rows(model)
+  expected = {key: transform.torch_shape(shape) for key, (_, transform, shape) in rows.items()}
+  found = {}
+  for key in source.tensors:
+    if not key.startswith(HEAD_PREFIXES + NECK_PREFIXES):
+      continue
     try:
-      mapped = neck[key] if key.startswith(NECK_PREFIXES) else name_map.head_path(key)
+      if key not in rows and not key.startswith(NECK_PREFIXES) and name_map.head_path(key) is None:
+        continue  # num_batches_tracked
     except KeyError:
-      problems.append(f'unexpected: {key} {tuple(sd[key].shape)}')
-      continue
-    if mapped is not None:
-      rows[mapped[0]] = (key, mapped[1])
+      pass  # a key the map does not know: unexpected
+    found[key] = source.shape(key)
+  raise_problems(key_problems(expected, found, describe=source.describe),
+                 'the neck and head tensors do not fit the model', ConversionError)
   out = {}
-  for path, leaf in expected.items():
-    if path not in rows or rows[path][0] not in sd:
-      problems.append(f'missing: {rows[path][0] if path in rows else name_map.head_key(path)}')
-      continue
-    key, transform = rows[path]
-    value = transform.apply(torch_io.to_numpy(sd[key]))
-    if value.shape != leaf.shape:
-      problems.append(f'wrong shape: {key} is {tuple(sd[key].shape)}, expected '
-                      f'{transform.torch_shape(leaf.shape)}')
-      continue
-    out[path] = np.array(value)
-  extra = [p for p, (k, _) in rows.items() if p not in expected and k in sd]
-  problems += [f'unexpected: {rows[p][0]} {tuple(sd[rows[p][0]].shape)}' for p in extra]
-  if problems:
-    raise ConversionError(f'{len(problems)} problem(s) with the state dict:\n  '
-                          + '\n  '.join(problems[:40]))
+  for key, (path, transform, _) in rows.items():
+    out[path] = transform.apply(source.read(key)).copy()
+    source.release(key)
   return out

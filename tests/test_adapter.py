@@ -23,7 +23,7 @@ from internseg_jax.models.adapter import (Extractor, Injector, InternViTAdapter,
                                           SpatialPriorModule, Upsample2x)
 from internseg_jax.models.heads import FCNHead, UPerHead
 from internseg_jax.models.segmentor import Segmentor
-from internseg_jax.trees import flatten, unflatten
+from internseg_jax.weights import flatten, unflatten
 from tests.reference import adapter_torch as ref
 from tests.reference import seg_torch as ref_seg
 

@@ -16,7 +16,7 @@ import torch
 
 from convert import name_map
 from internseg_jax.models.deform_attn import MSDeformAttn, ms_deform_attn_core, reference_points
-from internseg_jax.trees import unflatten
+from internseg_jax.weights import unflatten
 from tests.reference import adapter_torch as ref
 
 LEVELS = ((7, 5), (4, 3), (2, 2))   # odd sizes, and a 2x2 map where most points fall outside

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from convert import name_map
-from convert.pth_to_orbax import state_dict_to_params
+from tests.convert_helpers import state_dict_to_params
 from internseg_jax.models.intern_vit import Block, InternViT
 from tests.reference import intern_vit_torch as ref
 

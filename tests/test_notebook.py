@@ -73,3 +73,6 @@ def test_notebook_runs_in_demo_mode(tmp_path, monkeypatch):
   assert len(results['IoU']) == 7
   assert len(list((workdir / 'predictions').glob('*_panel.png'))) == 3
   assert (workdir / 'demo' / 'converted' / 'info.json').is_file()
+  hf_info = json.loads((workdir / 'demo' / 'hf_converted' / 'info.json').read_text())
+  assert hf_info['format'] == 'safetensors' and len(hf_info['files']) >= 3  # section 3b ran
+  assert 'features at blocks' in text

@@ -12,7 +12,7 @@ import torch
 
 from convert import pth_to_orbax
 from convert.torch_io import ConversionError
-from internseg_jax import api, checkpoint, sharding
+from internseg_jax import api, sharding, weights
 from internseg_jax.models.heads import BatchNorm, adaptive_avg_pool
 from internseg_jax.models.segmentor import segmentation_loss
 from tests import seg_fixtures as fx
@@ -154,7 +154,7 @@ def test_converter_without_config_reads_the_heads_from_the_tensors(tmp_path):
   info = pth_to_orbax.convert(str(src), str(tmp_path / 'out'))
   assert info['heads'] == dict(type='uper', num_classes=fx.CLASSES, with_fpn=True,
                                channels=fx.CHANNELS, pool_scales=4, aux_channels=fx.CHANNELS)
-  stored = checkpoint.params_metadata(checkpoint.find_params_dir(tmp_path / 'out'))
+  stored = weights.params_metadata(weights.find_params_dir(tmp_path / 'out'))
   assert stored['batch_stats']['decode_head']['psp_modules_3']['bn']['var'].shape == (fx.CHANNELS,)
   assert stored['params']['backbone']['pos_embed'].shape == (1, 1 + 16, fx.WIDTH)
 
