@@ -8,6 +8,7 @@ the auxiliary head are read from the tensors; the backbone's `pos_embed` is
 already at the crop grid. Neck and head tensors are matched strictly (an
 unknown one means a head we would not build).
 """
+from absl import logging
 import jax
 import ml_collections
 
@@ -68,11 +69,15 @@ def model_config(arch: dict, heads: dict, num_heads: int, img_size: int, config=
         ('auxiliary_head.channels', heads['aux_channels'], aux.channels if aux else None))
         if have != want]
     if wrong and all(w.startswith('auxiliary_head.channels: file has None') for w in wrong):
-      raise ConversionError(
+      # A released file without its training-only auxiliary head: convert the rest.
+      logging.warning(
           'the file has no auxiliary head (no auxiliary_head.* tensors) but the config has '
-          'model.auxiliary_head: convert without --config (the heads are then read from the '
-          'tensors); a model of this config starts its auxiliary head, which only training '
-          'uses, from random weights')
+          'model.auxiliary_head: converting without it. Evaluation does not use it; training '
+          'from this checkpoint starts it from random weights (or set '
+          '--config.model.auxiliary_head=None)')
+      model = model.copy_and_resolve_references()
+      model.auxiliary_head = None
+      return model
     raise_problems(wrong, 'the file does not match the config', ConversionError)
     return model
   model = common.base_config('224').model
@@ -82,11 +87,11 @@ def model_config(arch: dict, heads: dict, num_heads: int, img_size: int, config=
     bb[key] = arch[key]
   bb.num_heads, bb.img_size, bb.with_fpn = num_heads, img_size, heads['with_fpn']
   bb.out_indices = [0, 1, 2, 3] if heads['with_fpn'] else [arch['depth'] - 1]
-  model.decode_head = ml_collections.ConfigDict(dict(
+  model.decode_head.update(dict(
       type=heads['type'], num_classes=heads['num_classes'], channels=heads.get('channels', 0),
       pool_scales=(1, 2, 3, 6)[:heads.get('pool_scales', 4)]))
   model.auxiliary_head = None if heads['aux_channels'] is None else ml_collections.ConfigDict(
-      dict(channels=heads['aux_channels'], in_index=0, loss_weight=0.4))
+      dict(channels=heads['aux_channels'], in_index=0, loss_weight=0.4, dropout=0.1))
   return model
 
 

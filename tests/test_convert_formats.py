@@ -7,6 +7,7 @@ Tiny models only (width 64, 2 heads, depth 4, pretrain 56 = a 4x4 grid).
 Feature tolerance: relative L2 error <= 1e-5 (float32 compute on both sides).
 """
 import collections
+import logging
 import os
 import pickle
 
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from convert import pth_to_orbax, torch_bicubic, torch_io
+from internseg_jax import api
 from internseg_jax.errors import ConversionError
 from tests import seg_fixtures as fx
 from tests.convert_helpers import (PRETRAIN, WIDTH, as_numpy, bf16_steps, check_features,
@@ -191,7 +193,7 @@ def test_malicious_raw_pickle_refused(tmp_path):
   assert not (tmp_path / 'out').exists()
 
 
-def test_upernet_without_auxiliary_head(tmp_path):
+def test_upernet_without_auxiliary_head(tmp_path, caplog):
   model = fx.torch_segmentor('uper', seed=2)
   sd = {k: v for k, v in model.state_dict().items() if not k.startswith('auxiliary_head.')}
   src = tmp_path / 'no_aux.pth'
@@ -199,11 +201,18 @@ def test_upernet_without_auxiliary_head(tmp_path):
   info = pth_to_orbax.convert(str(src), str(tmp_path / 'out'))
   assert info['heads']['type'] == 'uper' and info['heads']['aux_channels'] is None
   assert 'auxiliary_head' not in stored(tmp_path / 'out')['params']
-  with pytest.raises(ConversionError) as e:
-    pth_to_orbax.convert(str(src), str(tmp_path / 'out2'), fx.tiny_config('uper'))
-  message = str(e.value)
-  assert '\n' not in message and message.startswith(f'{src}: the file has no auxiliary head')
-  assert 'convert without --config' in message
+  # With a config that has an auxiliary head: converted without it, one warning
+  # line with the fix; the model of that config loads it (aux random) and its
+  # logits are the file's.
+  config = fx.tiny_config('uper')
+  with caplog.at_level(logging.WARNING):
+    pth_to_orbax.convert(str(src), str(tmp_path / 'out2'), config)
+  warning = [r.getMessage() for r in caplog.records if 'no auxiliary head' in r.getMessage()]
+  assert len(warning) == 1 and '--config.model.auxiliary_head=None' in warning[0]
+  assert 'auxiliary_head' not in stored(tmp_path / 'out2')['params']
+  ours = api.init_model(config, str(tmp_path / 'out2'))
+  x = np.random.default_rng(0).normal(size=(1, fx.CROP, fx.CROP, 3)).astype(np.float32)
+  assert fx.rel_l2(api.compute_logits(ours, x), fx.torch_logits(model, x)) <= 1e-5
 
 def test_cli_prints_one_line_and_the_keys(state_dict, tmp_path, capsys):
   sd = dict(state_dict)
