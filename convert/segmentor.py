@@ -60,11 +60,11 @@ def model_config(arch: dict, heads: dict, num_heads: int, img_size: int, config=
   if config is not None:
     model = config.model
     head = model.decode_head
-    aux = model.get('auxiliary_head')
+    aux = model.auxiliary_head
     wrong = [f'{name}: file has {have}, config says {want}' for name, have, want in (
         ('decode_head.type', heads['type'], head.type),
         ('decode_head.num_classes', heads['num_classes'], head.num_classes),
-        ('decode_head.channels', heads.get('channels', head.get('channels')), head.get('channels')),
+        ('decode_head.channels', heads.get('channels', head.channels), head.channels),
         ('backbone.with_fpn', heads['with_fpn'], model.backbone.with_fpn),
         ('auxiliary_head.channels', heads['aux_channels'], aux.channels if aux else None))
         if have != want]

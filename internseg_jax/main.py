@@ -45,8 +45,9 @@ def weights_for(config, workdir: str) -> str:
 
 
 def run(config, workdir: str, mode: str) -> None:
-  from internseg_jax import api, evaluate, predict, train
+  from internseg_jax import api, evaluate, metrics, predict, train
   from internseg_jax.data import sources
+  from internseg_jax.data.ade20k_meta import class_names
   if mode == 'train':
     if train.train_and_evaluate(config, workdir) is None or not config.predict.after_train:
       return
@@ -56,8 +57,11 @@ def run(config, workdir: str, mode: str) -> None:
     dataset = sources.make_source(config.data, 'validation')
     result = evaluate.evaluate(model.batched_logits_fn, model.mesh, config, dataset, workdir,
                                limit=config.eval.limit)
-    print(f"mIoU {result['mIoU']:.4f}  aAcc {result['aAcc']:.4f}  mAcc {result['mAcc']:.4f}"
-          f"  -> {os.path.join(workdir, 'eval_results.json')}")
+    if jax.process_index() == 0:
+      names = class_names(config.model.decode_head.num_classes, config.data.class_names)
+      print(metrics.format_table(result, names))
+      print(f"mIoU {result['mIoU']:.4f}  aAcc {result['aAcc']:.4f}  mAcc {result['mAcc']:.4f}"
+            f"  -> {os.path.join(workdir, 'eval_results.json')}")
     return
   out = os.path.join(workdir, 'predictions')
   if mode == 'train':  # overlays of the first validation images

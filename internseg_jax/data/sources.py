@@ -382,7 +382,7 @@ def make_source(data_config, split: str, log_dir: str | None = None):
                     '(data.source=folder) or a TFDS data dir (data.source=tfds)')
   kwargs = dict(num_classes=data_config.num_classes,
                 reduce_zero_label=data_config.reduce_zero_label)
-  skip_bad = bool(data_config.get('skip_bad', False))
+  skip_bad = bool(data_config.skip_bad)
   if source == 'folder':
     out = ADEFolder(root, split, require_labels=not skip_bad, **kwargs)
   elif source == 'tfds':

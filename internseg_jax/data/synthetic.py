@@ -103,9 +103,9 @@ def write_ade_folder(root: str, num_train: int = 64, num_val: int = 16, num_clas
 def ensure_data(data_config, workdir: str) -> str:
   """For configs with `data.synthetic` and no `data.root`: generates the
   dataset once into WORKDIR/data (reused on resume) and returns its root."""
-  if data_config.get('root'):
+  if data_config.root:
     return data_config.root
-  spec = data_config.get('synthetic')
+  spec = data_config.synthetic
   if not spec:
     raise ValueError('data.root is not set: point it at an ADEChallengeData2016 folder')
   root = os.path.join(workdir, 'data')
