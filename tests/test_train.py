@@ -275,11 +275,17 @@ def test_accumulation_equals_the_full_batch_update(data_root):
   (full, m_full), (acc, m_acc) = outs
   np.testing.assert_allclose(m_acc['loss'], m_full['loss'], rtol=1e-6)
   np.testing.assert_allclose(m_acc['grad_norm'], m_full['grad_norm'], rtol=1e-5)
+  # The update (all parameters) equals the full-batch one to 1e-6 relative L2;
+  # each leaf to 1e-4 of its largest step (float32 sums over the micro-batches
+  # in another order; a bias summing many cancelling terms is the worst case).
+  diff = total = 0.0
   for key in full.trainable:
     want = np.asarray(full.trainable[key], np.float64) - before[key]
     got = np.asarray(acc.trainable[key], np.float64) - before[key]
     ulp = 2 * np.spacing(np.abs(before[key]).astype(np.float32)).astype(np.float64)
-    assert np.all(np.abs(got - want) <= 1e-6 * np.abs(want).max() + ulp), key
+    assert np.all(np.abs(got - want) <= 1e-4 * np.abs(want).max() + ulp), key
+    diff, total = diff + np.sum((got - want) ** 2), total + np.sum(want ** 2)
+  assert np.sqrt(diff / total) <= 1e-6
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path):
