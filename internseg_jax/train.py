@@ -12,7 +12,6 @@
   improves. Evaluation happens before the step's checkpoint, which records the
   best so far, so a resumed run neither repeats an evaluation nor loses its best.
 """
-import os
 import signal
 import threading
 
@@ -55,11 +54,11 @@ def _record(state: TrainState, best_miou: float, best_step: int) -> dict:
 
 
 def resume_or_start(trainer: Trainer, ckpts: weights.TrainCheckpoints, loader):
-  """(state, best mIoU, best step, resumed step or None)."""
+  """(state, best mIoU so far, its step)."""
   latest = ckpts.latest_step()
   if latest is None:
     init = trainer.config.init
-    return trainer.initial_state(init.checkpoint or init.pretrained), -1.0, -1, None
+    return trainer.initial_state(init.checkpoint or init.pretrained), -1.0, -1
   logging.info('resuming from checkpoints/%d', latest)
   abstract = trainer.abstract
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=trainer.replicated)
@@ -68,7 +67,7 @@ def resume_or_start(trainer: Trainer, ckpts: weights.TrainCheckpoints, loader):
       {'step': abstract.step, 'rng': abstract.rng, 'best_miou': scalar(jnp.float32),
        'best_step': scalar(jnp.int32)}, loader)
   state = trainer.from_variables(variables, opt_state, int(record['step']), record['rng'])
-  return state, float(record['best_miou']), int(record['best_step']), latest
+  return state, float(record['best_miou']), int(record['best_step'])
 
 
 def evaluate_and_keep_best(trainer: Trainer, state: TrainState, val, workdir: str | None,
@@ -163,13 +162,13 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
   val = sources.make_source(config.data, 'validation')
   ckpts = weights.TrainCheckpoints(workdir, config.train.checkpoint_every,
                                    config.train.max_to_keep)
-  state, best_miou, best_step, resumed = resume_or_start(trainer, ckpts, loader)
-  best = (best_miou, best_step)
+  state, *best = resume_or_start(trainer, ckpts, loader)
+  best = tuple(best)
   log = train_logging.Logger(workdir, total_steps=config.train.steps,
                              global_batch_size=config.train.batch_size,
                              flops_per_step=model_flops_per_device(config),
                              enabled=jax.process_index() == 0)
-  log.start(int(state.step), describe(config, trainer, state, num_images, workdir, resumed))
+  log.start(int(state.step), describe(config, trainer, state, num_images))
   try:
     state, best = run_steps(trainer, state, loader, ckpts, log, val, workdir, best)
   except Preempted as e:
@@ -199,8 +198,7 @@ def model_flops_per_device(config) -> float:
   return flops * (1 if bb.freeze else 3) * config.train.batch_size / jax.device_count()
 
 
-def describe(config, trainer: Trainer, state: TrainState, num_images: int, workdir: str,
-             resumed) -> dict:
+def describe(config, trainer: Trainer, state: TrainState, num_images: int) -> dict:
   """What the run will do, for the start block of the log."""
   bb, head = config.model.backbone, config.model.decode_head
   model = (f"InternViT {bb.depth} blocks x {bb.embed_dim}, "
@@ -212,7 +210,4 @@ def describe(config, trainer: Trainer, state: TrainState, num_images: int, workd
       params_trainable=weights.params_count(state.trainable),
       params_frozen=weights.params_count(state.frozen), mesh=dict(trainer.mesh.shape),
       devices=jax.device_count(),
-      data=f'{config.data.source} {config.data.root} ({num_images} images)',
-      steps=f"{int(state.step)} -> {config.train.steps}"
-            f"{f' (resumed from step {resumed})' if resumed is not None else ''}",
-      batch=config.train.batch_size, workdir=os.path.abspath(workdir))
+      data=f'{config.data.source} {config.data.root} ({num_images} images)')

@@ -209,7 +209,7 @@ def start_block(info: dict, step: int, total_steps: int, batch: int, workdir: st
   add('steps', f'{step} -> {total_steps}{resumed}, global batch {batch}')
   for key, value in info.items():
     add(key, value)
-  add('workdir', f'{workdir} (metrics.jsonl, curves.png, tensorboard/, checkpoints/)')
+  add('workdir', f'{workdir} (metrics.jsonl, curves.png, tensorboard/, checkpoints/, best/)')
   return '\n'.join(['training:'] + lines)
 
 

@@ -119,13 +119,10 @@ def random_variables(module, mesh: Mesh, seed: int = 0, policy=None, only=None):
 # -- reading checkpoints ---------------------------------------------------------
 
 def _newest_step_dir(root: epath.Path) -> epath.Path | None:
-  """The newest finished step of an Orbax CheckpointManager folder, or None."""
-  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
-  try:
-    step = manager.latest_step()
-  finally:
-    manager.close()
-  return None if step is None else root / str(step)
+  """The newest finished step of an Orbax CheckpointManager folder, or None
+  (Orbax's own step listing: unfinished temporary folders are not steps)."""
+  found = ocp.step.latest_step_metadata(root, ocp.step.standard_name_format())
+  return None if found is None else epath.Path(found.path)
 
 
 def find_params_dir(path) -> epath.Path:
@@ -156,12 +153,18 @@ def read_info(path) -> dict:
   return {}
 
 
+# The params item is read with the PyTree handler itself, not a Checkpointer:
+# inside a CheckpointManager step the item folder has no checkpoint-level
+# metadata file, and a Checkpointer warns about that on every read.
+
 def params_metadata(params_dir) -> Any:
   """The stored tree with ShapeDtypeStruct leaves (no data read)."""
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-    meta = ckptr.metadata(epath.Path(params_dir))
-  tree = getattr(meta, 'item_metadata', meta)
-  tree = getattr(tree, 'tree', tree)
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    meta = handler.metadata(epath.Path(params_dir))
+  finally:
+    handler.close()
+  tree = getattr(meta, 'tree', meta)
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
 
 
@@ -169,9 +172,12 @@ def restore_params(params_dir, target):
   """Restores a tree whose leaves are ShapeDtypeStructs with shardings; each array
   is read straight into its shards, cast to the target dtype."""
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-    return ckptr.restore(epath.Path(params_dir),
-                         args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.restore(epath.Path(params_dir),
+                           args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
+  finally:
+    handler.close()
 
 
 def _module_of(name):

@@ -189,7 +189,7 @@ def test_resume_after_sigkill_or_sigterm_equals_an_uninterrupted_run(data_root, 
   shutil.rmtree(partial / 'opt_state')
   result = run_main(killed, *args)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'resumed from step 16' in result.stdout + result.stderr
+  assert 'resuming at 16' in result.stdout + result.stderr
   assert_same_run(full, killed, 24)
   assert [r['step'] for r in eval_rows(killed)] == [8, 16, 24]  # none repeated or lost
   assert os.listdir(killed / 'best') == [str(best['step'])]
@@ -204,7 +204,7 @@ def test_resume_after_sigkill_or_sigterm_equals_an_uninterrupted_run(data_root, 
   assert f'preempted: saved checkpoints/{saved[-1]}' in output
   result = run_main(stopped, *args)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f'resumed from step {saved[-1]}' in result.stdout + result.stderr
+  assert f'resuming at {saved[-1]}' in result.stdout + result.stderr
   assert_same_run(full, stopped, 24)
 
 
