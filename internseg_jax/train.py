@@ -17,7 +17,6 @@ import threading
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
 from internseg_jax import evaluate, sharding, train_logging, weights
