@@ -9,9 +9,9 @@ import jax
 import numpy as np
 
 from convert import name_map, torch_io
-from convert.pth_to_orbax import check_keys
+from internseg_jax.errors import ConversionError
 from internseg_jax.models.adapter import InternViTAdapter
-from internseg_jax.weights import flatten, unflatten
+from internseg_jax.weights import flatten, key_problems, raise_problems, unflatten
 
 
 def expected_params(model: InternViTAdapter) -> dict:
@@ -29,8 +29,15 @@ def adapter_params(sd, model: InternViTAdapter, prefix: str = 'backbone.',
   expected = expected_params(model) if expected is None else expected
   rows = list(name_map.adapter_rows(model.depth, len(model.interaction_indexes), prefix))
   dropped = {prefix + key for key in name_map.ADAPTER_DROPPED}
-  check_keys({k: v for k, v in sd.items() if k not in dropped}, rows, expected, prefix,
-             other_prefixes)
+  wanted = {}
+  for path, key, transform, _ in rows:
+    if path in expected:  # e.g. no qkv bias rows for a model without it
+      shape = expected[path].shape
+      wanted[key] = transform.torch_shape(shape[1:] if path.startswith('blocks/') else shape)
+  found = {k: tuple(v.shape) for k, v in sd.items()
+           if k not in dropped and (k.startswith(prefix) or not k.startswith(other_prefixes))}
+  raise_problems(key_problems(wanted, found), 'the tensors do not fit the adapter',
+                 ConversionError)
   flat, block_slices = {}, {}
   for path, key, transform, block in rows:
     if path not in expected:
