@@ -110,7 +110,7 @@ def base_config(variant: str = '224') -> ml_collections.ConfigDict:
           dtype='float32',       # the reference runs its heads in float32
       ),
       # None, or dict(channels, in_index (neck output it reads), loss_weight, dropout).
-      auxiliary_head=config_dict.placeholder(ml_collections.ConfigDict),
+      auxiliary_head=None,
       dtype='bfloat16',          # backbone/neck compute; norms, softmax, heads, loss: float32
       param_dtype='float32',     # storage dtype of trained parameters
       # mmseg norm_eval: BatchNorm uses (and keeps) its running statistics in
@@ -141,7 +141,7 @@ def base_config(variant: str = '224') -> ml_collections.ConfigDict:
       prefetch=4,                # batches buffered per worker
       skip_bad=False,            # skip (and list) unreadable or invalid records instead of failing
       # Demo: dict(num_train, num_val, size_range, seed) generated into WORKDIR/data.
-      synthetic=config_dict.placeholder(ml_collections.ConfigDict),
+      synthetic=None,
   ))
   c.eval = ml_collections.ConfigDict(dict(
       mode='slide',              # 'slide' (windows) | 'whole' (the resized image at once)

@@ -17,13 +17,13 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from internseg_jax import inference, sharding, weights
+from internseg_jax import evaluate, inference, sharding, weights
 from internseg_jax.config import load_config, validate
 from internseg_jax.freeze import FreezePolicy
 from internseg_jax.models.segmentor import Segmentor
 
 __all__ = ['Model', 'load_config', 'init_model', 'extract_features', 'compute_logits',
-           'inference_model']
+           'inference_model', 'evaluate_model']
 
 
 @dataclasses.dataclass(eq=False)
@@ -73,7 +73,9 @@ def init_model(config, checkpoint=None, mesh: Mesh | None = None) -> Model:
   policy = FreezePolicy.from_config(config)
   module = policy.segmentor(config.model)
   checkpoint = checkpoint or config.init.checkpoint or config.init.pretrained
-  variables = weights.init_variables(module, mesh, checkpoint, config.train.seed, policy)
+  # Stored in model.param_dtype: train.frozen_dtype is how training keeps a
+  # frozen backbone; inference keeps the checkpoint's values exact.
+  variables = weights.init_variables(module, mesh, checkpoint, config.train.seed)
   return Model(config, module, variables, mesh)
 
 
@@ -110,3 +112,13 @@ def inference_model(model: Model, image, return_logits: bool = False):
                           model.config.eval)
   labels = np.argmax(out, axis=-1).astype(np.int32)
   return (labels, out) if return_logits else labels
+
+
+def evaluate_model(model: Model, dataset, workdir: str | None = None,
+                   limit: int | None = None) -> dict:
+  """mIoU / aAcc / mAcc / per-class IoU over a dataset of {'image', 'label'}
+  records (e.g. internseg_jax.data.sources.ADEFolder), batched over the mesh;
+  images are prepared in threads (no worker processes: safe in notebooks).
+  Writes WORKDIR/eval_results.json when `workdir` is given."""
+  return evaluate.evaluate(model.batched_logits_fn, model.mesh, model.config, dataset, workdir,
+                           limit=limit, num_workers=0)

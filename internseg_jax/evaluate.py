@@ -44,18 +44,21 @@ def _items(dataset, indices, eval_config, num_workers: int):
 
 
 def evaluate(logits_fn, mesh, config, dataset, workdir: str | None = None,
-             limit: int | None = None) -> dict:
+             limit: int | None = None, num_workers: int | None = None) -> dict:
   """mIoU over a source of {'image', 'label'} records (labels already reduced).
 
-  logits_fn: see inference.WindowRunner. Writes eval_results.json to `workdir`
-  (process 0). Every process returns the same result."""
+  logits_fn: see inference.WindowRunner. Images are prepared by
+  `num_workers` grain worker processes (default `data.num_workers`; 0: threads).
+  Writes eval_results.json to `workdir` (process 0). Every process returns the
+  same result."""
+  num_workers = config.data.num_workers if num_workers is None else num_workers
   ev, num_classes = config.eval, config.model.decode_head.num_classes
   n = len(dataset) if limit is None else min(limit, len(dataset))
   mine = range(jax.process_index(), n, jax.process_count())
   runner = inference.WindowRunner(logits_fn, mesh, ev.windows_per_device, ev)
   acc = metrics.IoUAccumulator(num_classes)
   start = time.time()
-  items = _items(dataset, mine, ev, config.data.num_workers)
+  items = _items(dataset, mine, ev, num_workers)
   with tqdm(total=n, desc='eval', unit='img', leave=False,
             disable=jax.process_index() != 0) as bar:
     for item, out in runner.run(items):

@@ -57,7 +57,7 @@ def save_mmseg(model, path, dtype=None):
 
 def variables_from_torch(model, config):
   """Our variables (numpy) of a reference segmentor, through the converter's map."""
-  from convert.pth_to_orbax import state_dict_to_variables
+  from tests.convert_helpers import state_dict_to_variables
   return state_dict_to_variables(model.state_dict(), config)
 
 

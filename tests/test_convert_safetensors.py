@@ -20,7 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from convert import pth_to_orbax
-from internseg_jax import api, weights
+from internseg_jax import api
+from internseg_jax import weights as weights_lib
 from internseg_jax.errors import ConversionError
 from tests.convert_helpers import hf_name, intern_vision_config, save_pretrained
 from tests.reference.intern_vit_torch import InternViTTorch, randomize_
@@ -60,8 +61,8 @@ def tiny_config():
 
 
 def restored(dst):
-  params_dir = weights.find_params_dir(dst)
-  return weights.restore_params(params_dir, weights.params_metadata(params_dir))
+  params_dir = weights_lib.find_params_dir(dst)
+  return weights_lib.restore_params(params_dir, weights_lib.params_metadata(params_dir))
 
 
 def assert_same_variables(a, b):
