@@ -127,12 +127,24 @@ def write_output(dst: str, tree, info: dict) -> None:
     raise
 
 
+
+def open_source(path: str) -> tensors.TensorSource:
+  """A `.pth` file, a `.safetensors` file, or a Hugging Face folder (sharded via
+  its index, or an InternVL-Chat folder of which only `vision_model.*` is read)."""
+  if not os.path.exists(path):
+    raise ConversionError(f'{path}: no such file or folder')
+  if os.path.isdir(path) or tensors.looks_like_safetensors(path):
+    from convert import safetensors_io  # no torch needed on this path
+    return safetensors_io.open_safetensors(path)
+  from convert import torch_io
+  return torch_io.PthSource(path)
+
 def convert(src: str, dst: str, config=None, strict: bool = False) -> dict:
   """Converts `src` into the folder `dst`; returns the info written next to it."""
   try:
     if os.path.exists(dst):
       raise ConversionError(f'{dst} already exists; remove it or choose another --dst')
-    with tensors.open_source(src) as source:
+    with open_source(src) as source:
       tree, found, unused = build_variables(source, config, strict)
       if unused:
         logging.warning('%s: %d tensor(s) the model does not use, ignored as the original '

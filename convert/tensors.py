@@ -74,15 +74,3 @@ def looks_like_safetensors(path: str) -> bool:
   with open(path, 'rb') as f:
     head = f.read(9)
   return len(head) == 9 and head[8:9] == b'{'
-
-
-def open_source(path: str) -> TensorSource:
-  """A `.pth` file, a `.safetensors` file, or a Hugging Face folder (sharded via
-  its index, or an InternVL-Chat folder of which only `vision_model.*` is read)."""
-  if not os.path.exists(path):
-    raise ConversionError(f'{path}: no such file or folder')
-  if os.path.isdir(path) or looks_like_safetensors(path):
-    from convert import safetensors_io  # no torch needed on this path
-    return safetensors_io.open_safetensors(path)
-  from convert import torch_io
-  return torch_io.PthSource(path)
