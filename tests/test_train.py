@@ -223,7 +223,7 @@ def run_two(workdir, args, port):
 def test_two_processes_match_one_and_resume_after_sigterm(data_root, tmp_path):
   """2 processes x 4 devices train like 1 x 8; SIGTERM to both makes them agree
   on a step, save it and exit; the rerun continues exactly."""
-  args = [*DEMO, f'--config.data.root={data_root}', '--config.train.steps=40',
+  args = [*DEMO, f'--config.data.root={data_root}', '--config.train.steps=16',
           '--config.train.log_every=1', '--config.train.checkpoint_every=4',
           '--config.train.eval_every=0', '--config.predict.after_train=0',
           '--config.eval.limit=2']
@@ -235,7 +235,7 @@ def test_two_processes_match_one_and_resume_after_sigterm(data_root, tmp_path):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
   want, got = train_rows(single), train_rows(multi)
-  assert len(want) == len(got) == 40
+  assert len(want) == len(got) == 16
   for a, b in zip(want, got):
     np.testing.assert_allclose(b['loss'], a['loss'], rtol=1e-4)
 
@@ -247,11 +247,11 @@ def test_two_processes_match_one_and_resume_after_sigterm(data_root, tmp_path):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
   saved = sorted(int(p) for p in os.listdir(stopped / 'checkpoints') if p.isdigit())
-  assert saved[-1] < 40 and f'preempted: saved checkpoints/{saved[-1]}' in outs[0]
+  assert saved[-1] < 16 and f'preempted: saved checkpoints/{saved[-1]}' in outs[0]
   procs = run_two(stopped, args, free_port())
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-  assert_same_run(multi, stopped, 40)
+  assert_same_run(multi, stopped, 16)
 
 
 def test_accumulation_equals_the_full_batch_update(data_root):
