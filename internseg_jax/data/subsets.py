@@ -20,10 +20,10 @@ change of machine or Python.
 import os
 import random
 import re
-import tempfile
 
 import numpy as np
 
+from internseg_jax import files
 from internseg_jax.data.sources import DataError, SkippingSource
 
 _HEADER = re.compile(r'#.*fraction=1/(\d+) seed=(-?\d+) count=(\d+) of (\d+)')
@@ -77,16 +77,7 @@ def write_subset(workdir: str, names, indices, fraction: int, seed: int) -> str:
            f'count={len(indices)} of {len(names)} '
            '(sorted by file name, then random.seed(seed); random.shuffle; first count)']
   lines += [names[int(i)] for i in indices]
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + '.', dir=workdir)
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write('\n'.join(lines) + '\n')
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return files.atomic_write(path, '\n'.join(lines) + '\n')
 
 
 def read_subset(path: str) -> tuple[list[str], dict]:
