@@ -30,16 +30,6 @@ def read_rows(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def best_eval(workdir: str, up_to_step: int) -> tuple[float, int | None]:
-  """(best mIoU, its step) among metrics.jsonl's evaluations up to `up_to_step`
-  (a resumed run continues the comparison); (-1.0, None) when there are none."""
-  best, best_step = -1.0, None
-  for row in read_rows(os.path.join(workdir, METRICS_FILE)):
-    if row.get('mIoU') is not None and row['step'] <= up_to_step and row['mIoU'] > best:
-      best, best_step = float(row['mIoU']), int(row['step'])
-  return best, best_step
-
-
 def _console(line: str) -> None:
   """Our own lines: through tqdm.write, which clears and redraws the bar
   instead of leaving a torn copy of it above the text."""

@@ -15,7 +15,6 @@ A "checkpoint folder" holds `params/` (an Orbax PyTree checkpoint of the
 variables {'params': ..., 'batch_stats': ...}) and optionally `info.json`.
 """
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -26,7 +25,7 @@ from etils import epath
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from internseg_jax import files, sharding
+from internseg_jax import sharding
 from internseg_jax.errors import WeightsError
 from internseg_jax.models.build import module_inits
 from internseg_jax.models.resize import resize_pos_embed
@@ -232,16 +231,6 @@ def init_variables(module, mesh: Mesh, checkpoint=None, seed: int = 0, policy=No
     logging.warning('%s not in %s: randomly initialised', ', '.join(missing), checkpoint)
     restored.update(flatten(random_variables(module, mesh, seed, policy, only=missing)))
   return unflatten(restored)
-
-
-def save_params(directory, variables, info: dict | None = None) -> None:
-  """Writes `directory/params` (and `directory/info.json`) atomically, from one
-  process (small trees, tests, exports; training uses TrainCheckpoints)."""
-  with files.atomic_folder(os.fspath(directory)) as tmp:
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
-      ckptr.save(epath.Path(tmp) / PARAMS, args=ocp.args.PyTreeSave(variables))
-    if info is not None:
-      files.atomic_write(os.path.join(tmp, INFO), json.dumps(info, indent=2, sort_keys=True))
 
 
 # -- a training run's checkpoints -------------------------------------------------

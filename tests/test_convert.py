@@ -280,7 +280,8 @@ def test_find_params_dir(state_dict, tmp_path):
   assert weights.find_params_dir(dst / 'params') == dst / 'params'  # the params dir itself
 
   holder = tmp_path / 'holder'
-  weights.save_params(holder, small_tree(1.0))  # a folder holding params/, no info.json
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:  # params/, no info.json
+    ckptr.save(holder / 'params', args=ocp.args.PyTreeSave(small_tree(1.0)))
   assert weights.find_params_dir(holder) == holder / 'params'
   assert weights.read_info(holder) == {}
 
