@@ -49,7 +49,28 @@ RECIPES = {
         eval_resize='short_side' if n == 1 else 'fit', out_indices={'224': [47]})
        for n, steps, warmup in ((16, 5000, 100), (8, 10000, 200), (4, 20000, 400),
                                 (2, 40000, 800), (1, 80000, 1500))},
+    # ViT-Adapter around the frozen ViT (vit_adapter/upernet_intern_vit_adapter_6b_512_80k_
+    # ade20k_bs16_lr4e-5.py): only the 224px weights, 512 crops (see `adapter` below).
+    # Its out_indices are the last block of each interaction.
+    'adapter_tuning': dict(
+        head='uper', freeze=True, drop_path=0.0, weight_decay=0.05, layer_decay=0.95,
+        steps=80000, warmup=1500, aux_in_index=2, eval_resize='short_side', adapter=True,
+        out_indices={'224': [11, 23, 35, 47]}),
 }
+
+# The adapter of the original config (InternViTAdapter's arguments there, and the
+# defaults of vit_adapter.py for those it does not set). Its ViT keeps its own
+# layer scale (`model.backbone.init_values`); `injector_init_values` is the
+# original's adapter `init_values` (the injector's gamma).
+ADAPTER = dict(
+    interaction_indexes=[[0, 11], [12, 23], [24, 35], [36, 47]],  # [first, last] ViT block of each
+    conv_inplane=64,           # spatial prior module width (x1, x2, x4, x4 at 1/4 .. 1/32)
+    n_points=4,                # deformable attention: sampling points per head and level
+    deform_num_heads=25,       # deformable attention heads
+    injector_init_values=0.0,  # injector gamma init (the original's adapter `init_values`)
+    cffn_ratio=0.25,           # ConvFFN hidden width / C
+    deform_ratio=0.25,         # deformable attention value width / C
+)
 
 # The reference's common settings (every config above): AdamW (0.9, 0.999, 1e-8),
 # lr 4e-5, global batch 16 (8 GPUs x 2), poly decay with linear warmup (ratio
@@ -111,6 +132,10 @@ def base_config(variant: str = '224') -> ml_collections.ConfigDict:
       ),
       # None, or dict(channels, in_index (neck output it reads), loss_weight, dropout).
       auxiliary_head=None,
+      # None, or the ViT-Adapter around the backbone (keys: ADAPTER above). Its four
+      # maps (1/4 .. 1/32) go straight to the head: no pyramid neck (with_fpn False),
+      # patch 16, and it runs at exactly img_size (eval windows of the crop size).
+      adapter=None,
       dtype='bfloat16',          # backbone/neck compute; norms, softmax, heads, loss: float32
       param_dtype='float32',     # storage dtype of trained parameters
       # mmseg norm_eval: BatchNorm uses (and keeps) its running statistics in
@@ -201,6 +226,8 @@ def experiment_config(name: str, variant: str = '224') -> ml_collections.ConfigD
   bb.freeze, bb.drop_path_rate = recipe['freeze'], recipe['drop_path']
   if recipe['head'] == 'uper':
     upernet(c, recipe['aux_in_index'])
+  if recipe.get('adapter'):
+    adapter(c)
   c.data.fraction = recipe.get('fraction', 1)
   c.eval.resize = recipe['eval_resize']
   c.train.update(dict(steps=recipe['steps'], warmup_steps=recipe['warmup'],
@@ -210,6 +237,34 @@ def experiment_config(name: str, variant: str = '224') -> ml_collections.ConfigD
     # shard them over all devices (see the memory plan in the README).
     c.mesh.update(dict(data=1, fsdp=-1))
   return c
+
+
+def adapter(config: ml_collections.ConfigDict) -> None:
+  """The ViT-Adapter recipe (configs/_base_/datasets/ade20k.py and the adapter
+  config): 512 crops, train scale (2048, 512), slide 512 / 341, SETR_Resize
+  without ResizeToMultiple, patch 16 (the 14x14 pretrained kernel is resized
+  when the converter loads it), the adapter's maps straight into UperNet."""
+  bb = config.model.backbone
+  bb.patch_size, bb.with_fpn = 16, False
+  config.data.crop_size = 512   # also model.backbone.img_size and eval.crop_size
+  config.data.scale = (2048, 512)
+  config.eval.update(dict(stride=341, size_divisor=0))
+  config.model.adapter = ml_collections.ConfigDict(ADAPTER)
+  bb.out_indices = [last for _, last in ADAPTER['interaction_indexes']]
+
+
+def tiny_adapter(config: ml_collections.ConfigDict, crop: int = 64) -> None:
+  """The adapter recipe at CPU size: width 64, 4 ViT heads, 8 blocks in 4
+  interactions, 4 deformable heads, SPM width 16, crops of `crop` (a multiple of 32)."""
+  tiny_model(config, crop=crop)
+  bb, ad = config.model.backbone, config.model.adapter
+  bb.num_heads, bb.depth, bb.pretrain_size = 4, 8, 56
+  # No activation checkpointing at this size: remat makes XLA's CPU compile of
+  # the train step about 3x slower (measured: 218 s vs 65 s on a busy machine).
+  bb.remat = 'none'
+  ad.interaction_indexes = [[0, 1], [2, 3], [4, 5], [6, 7]]
+  ad.deform_num_heads, ad.conv_inplane = 4, 16
+  bb.out_indices = [last for _, last in ad.interaction_indexes]
 
 
 def tiny_backbone(config: ml_collections.ConfigDict) -> None:

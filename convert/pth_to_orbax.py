@@ -5,10 +5,15 @@ r"""Converts InternViT-6B weights into an Orbax checkpoint folder.
 
 SRC: a `.pth` (pretrained backbone, plain or `{'module': ...}`; or a released
 mmseg segmentor, mmcv `{'meta', 'state_dict', 'optimizer'}` or
-`{'module': ...}`), a Hugging Face `.safetensors` file, a sharded Hugging Face
-folder (via `model.safetensors.index.json`), or an InternVL-Chat folder (only
+`{'module': ...}`, InternViT-Adapter segmentors included: those need the
+config, e.g. `--config=configs/upernet_adapter.py`), a Hugging Face
+`.safetensors` file, a sharded Hugging Face folder (via
+`model.safetensors.index.json`), or an InternVL-Chat folder (only
 `vision_model.*` is read). The architecture comes from the tensors (and
 `config.json`); heads, img_size and patch_size from the config when given.
+A pretrained backbone converted with an adapter config becomes the adapter's
+ViT: patch kernel resized 14 -> 16, pos_embed to img_size // 16, cls token
+dropped (the adapter's own layers and the heads start random).
 Tensors are read one at a time and written one block slice at a time, so peak
 memory stays far below the file size. Keys the model does not use are listed
 as a warning and in info.json (`--strict`: an error); missing or mis-shaped
@@ -28,7 +33,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from convert import backbone, lazy_stack, segmentor, tensors
+from convert import adapter, backbone, lazy_stack, segmentor, tensors
 from internseg_jax import files
 from internseg_jax.errors import ConversionError, InternSegError
 from internseg_jax.weights import unflatten
@@ -43,6 +48,14 @@ def build_variables(source, config=None, strict: bool = False):
   a description of what was found, the unexpected tensor names)."""
   names = list(source.tensors)
   kind = 'segmentor' if segmentor.is_segmentor(names) else 'backbone'
+  for_adapter = config is not None and config.model.get('adapter') is not None
+  if kind == 'segmentor' and adapter.is_adapter(names):
+    tree, found, unused = adapter.segmentor_variables(source, config)
+    return tree, found, _unused(source, unused, strict)
+  if kind == 'segmentor' and for_adapter:
+    raise ConversionError('an InternViT segmentor without an adapter (no backbone.spm.*, '
+                          'backbone.interactions.*), but the config has model.adapter: convert '
+                          "it with the config it was trained with (e.g. configs/upernet_full.py)")
   prefix = 'backbone.' if kind == 'segmentor' else ''
   arch = backbone.detect(source, prefix)
   disagree = backbone.hint_disagreements(arch, source.hints)
@@ -67,17 +80,23 @@ def build_variables(source, config=None, strict: bool = False):
   unused = backbone.check_keys(source, arch, ours, prefix, own)
   if kind == 'segmentor':  # names under no known prefix are unused too
     unused += sorted(k for k in names if not k.startswith(('backbone.',) + segmentor.HEAD_PREFIXES))
-  if unused and strict:
-    raise_problems([f'unexpected: {source.describe(k)} {source.shape(k)}' for k in unused],
-                   'tensors the model does not use (--strict)', ConversionError)
+  # The adapter has no cls token: the original loads the pretrained one and then
+  # sets it to None. Listed as unused, never an error (not even with --strict).
+  dropped = [k for k in adapter.DROPPED if for_adapter and k in names]
+  _unused(source, unused, strict)
 
   tree = {'params': {'backbone': backbone.build_tree(
       source, arch, ours, img_size=img_size, patch_size=patch_size, prefix=prefix,
       pretrained=pretrained)}}
+  for key in dropped:
+    del tree['params']['backbone'][key]
   found = dict(kind=kind, backbone=dict(arch, num_heads=num_heads, img_size=img_size,
                                         patch_size=patch_size))
   if disagree:
     found['config_json_disagrees'] = disagree
+  if for_adapter:  # the ViT of an adapter; the adapter's own layers start random
+    found['for_adapter'] = True
+    found['dropped_keys'] = dropped
   if pretrained and patch_size != arch['patch_size']:
     found['resized_patch_kernel'] = [arch['patch_size'], patch_size]
   if kind == 'segmentor':
@@ -86,7 +105,16 @@ def build_variables(source, config=None, strict: bool = False):
     for collection, modules in unflatten(segmentor.heads_variables(source, model)).items():
       tree.setdefault(collection, {}).update(modules)
     found['heads'] = heads
-  return tree, found, [source.describe(k) for k in unused]
+  return tree, found, [source.describe(k) for k in unused + dropped]
+
+
+def _unused(source, unused: list[str], strict: bool) -> list[str]:
+  """Names the model does not use: an error with --strict; else returned as the
+  file names them (for the warning and info.json)."""
+  if unused and strict:
+    raise_problems([f'unexpected: {source.describe(k)} {source.shape(k)}' for k in unused],
+                   'tensors the model does not use (--strict)', ConversionError)
+  return [source.describe(k) for k in unused]
 
 
 def _num_heads(arch: dict, bb, hints: dict) -> int:

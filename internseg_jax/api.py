@@ -3,6 +3,7 @@
   model = init_model('configs/upernet_full.py:224', 'converted/upernet_full')
   labels = inference_model(model, image_uint8_rgb)          # (H, W) int32
   feats = extract_features(model, images)                   # [(B, H/14, W/14, C)]
+  # (an adapter model: four maps at strides 4, 8, 16, 32)
   logits = compute_logits(model, images)                    # (B, H, W, K)
 
 A thin facade over config, weights, freeze and inference; training does not use it.
@@ -92,7 +93,9 @@ def _put_batch(model: Model, images):
 
 def extract_features(model: Model, images) -> list:
   """Normalized (B, H, W, 3) float32 images -> the backbone outputs at
-  `out_indices`, each (B, H/14, W/14, C) float32, before any neck."""
+  `out_indices`, each (B, H/p, W/p, C) float32 (p = patch_size), before any
+  neck. An adapter model (`model.adapter`) gives its four maps, (B, H/4, W/4, C)
+  ... (B, H/32, W/32, C) after its final norms, for images of exactly img_size."""
   return model.features_fn(model.variables, _put_batch(model, images))
 
 

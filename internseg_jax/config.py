@@ -51,6 +51,46 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
     raise ConfigError(f'{key}={value!r}: {allowed}')
 
 
+def _validate_adapter(config) -> None:
+  """model.adapter: the ViT-Adapter runs at exactly img_size on a 1/16 grid, and
+  its interactions split the ViT blocks."""
+  bb, ad, ev = config.model.backbone, config.model.adapter, config.eval
+  _require(not bb.with_fpn, 'model.backbone.with_fpn', bb.with_fpn,
+           'must be False with model.adapter (its four maps go straight to the head)')
+  _require(bb.patch_size == 16, 'model.backbone.patch_size', bb.patch_size,
+           'must be 16 with model.adapter (its ViT grid is the 1/16 level)')
+  _require(bb.img_size % 32 == 0, 'model.backbone.img_size', bb.img_size,
+           'must be a multiple of 32 with model.adapter (levels 1/8, 1/16, 1/32); it is also '
+           'data.crop_size and eval.crop_size')
+  pairs = [list(map(int, ix)) for ix in ad.interaction_indexes]
+  ends = [i for pair in pairs for i in pair]
+  _require(bool(pairs) and all(len(p) == 2 for p in pairs) and ends[0] >= 0
+           and ends[-1] < bb.depth and all(a <= b for a, b in zip(ends, ends[1:]))
+           and all(b < a for (_, b), (a, _) in zip(pairs, pairs[1:])),
+           'model.adapter.interaction_indexes', ad.interaction_indexes,
+           f'must be ordered, non-overlapping [first, last] block pairs within 0..{bb.depth - 1}')
+  last = [p[1] for p in pairs]
+  _require([int(i) for i in bb.out_indices] == last, 'model.backbone.out_indices',
+           list(bb.out_indices), f'must be the last block of each interaction ({last}) with '
+           'model.adapter (set model.adapter.interaction_indexes to change them)')
+  for key in ('conv_inplane', 'n_points', 'deform_num_heads'):
+    _require(int(ad[key]) >= 1, f'model.adapter.{key}', ad[key], 'must be a positive integer')
+  value_width = int(bb.embed_dim * ad.deform_ratio)
+  _require(value_width >= 1 and value_width % ad.deform_num_heads == 0,
+           'model.adapter.deform_ratio', ad.deform_ratio,
+           f'embed_dim x deform_ratio ({value_width}) must be a positive multiple of '
+           f'model.adapter.deform_num_heads ({ad.deform_num_heads})')
+  _require(int(bb.embed_dim * ad.cffn_ratio) >= 1, 'model.adapter.cffn_ratio', ad.cffn_ratio,
+           'must leave the ConvFFN at least one channel')
+  # Windows must be exactly crop x crop: whole images, or a resize that can leave
+  # a side below the crop, would reach the model at another size.
+  _require(ev.mode == 'slide', 'eval.mode', ev.mode,
+           "must be 'slide' with model.adapter (it runs at exactly img_size: windows of the crop)")
+  _require(ev.resize == 'short_side', 'eval.resize', ev.resize,
+           "must be 'short_side' with model.adapter (the short side never below the crop, so "
+           'every window is crop x crop)')
+
+
 def validate(config) -> ml_collections.ConfigDict:
   """Raises ConfigError for the first value that cannot work; returns the config."""
   for key, allowed in CHOICES.items():
@@ -61,6 +101,9 @@ def validate(config) -> ml_collections.ConfigDict:
     _require(int(bb[key]) > 0, f'model.backbone.{key}', bb[key], 'must be a positive integer')
   _require(bb.embed_dim % bb.num_heads == 0, 'model.backbone.num_heads', bb.num_heads,
            f'must divide model.backbone.embed_dim ({bb.embed_dim})')
+  adapter = config.model.get('adapter')
+  if adapter is not None:
+    _validate_adapter(config)
   _require(bb.img_size % bb.patch_size == 0, 'model.backbone.img_size', bb.img_size,
            f'must be a multiple of model.backbone.patch_size ({bb.patch_size}); it is also '
            'data.crop_size and eval.crop_size')
@@ -69,8 +112,8 @@ def validate(config) -> ml_collections.ConfigDict:
            'model.backbone.out_indices', indices, f'must be block indices in 0..{bb.depth - 1}')
   _require(0.0 <= bb.drop_path_rate < 1.0, 'model.backbone.drop_path_rate', bb.drop_path_rate,
            'must be in [0, 1)')
-  maps = 4 if bb.with_fpn else len(indices)
-  if bb.with_fpn or head.type == 'uper':
+  maps = 4 if bb.with_fpn or adapter is not None else len(indices)
+  if (bb.with_fpn or head.type == 'uper') and adapter is None:
     _require(len(indices) == 4, 'model.backbone.out_indices', indices,
              'UperNet and the pyramid neck (with_fpn) need exactly 4 block indices')
   if aux is not None:

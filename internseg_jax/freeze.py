@@ -18,7 +18,9 @@ import jax.numpy as jnp
 from internseg_jax.models.build import build_segmentor
 from internseg_jax.models.intern_vit import attention_implementation
 
-# Parameter paths (under 'params/') of the ViT proper.
+# Parameter paths (under 'params/') of the ViT proper. For the adapter these are
+# exactly what the original freezes (InternViTAdapter.__init__: _freeze_params on
+# blocks and patch_embed, pos_embed.requires_grad = False; its cls_token is None).
 VIT_PARAMS = re.compile(r'^backbone/(blocks|patch_embed|pos_embed|cls_token)(/|$)')
 
 # cuDNN's flash attention has no backward pass for sequence lengths that are not

@@ -4,11 +4,13 @@ AdamW (0.9, 0.999, eps 1e-8) with:
 - a poly schedule (power 1 to min_lr over all steps) times mmcv's linear warmup
   factor 1 - (1 - i / warmup) * (1 - warmup_ratio);
 - layer-wise LR decay: with L = depth + 2, cls_token / pos_embed / patch_embed
-  have layer id 0, block i id i + 1, everything else (neck, heads) L - 1, and
+  have layer id 0, block i id i + 1, everything else (neck, adapter, heads) L - 1, and
   the LR is scaled by rate ** (L - id - 1). Stacked block params get a
   per-block scale along their leading depth axis;
 - no weight decay for biases and 1-D parameters (norm scales, layer scale,
-  BatchNorm); pos_embed and cls_token do decay, as in the reference.
+  BatchNorm, the adapter's injector gamma); pos_embed, cls_token and the
+  adapter's level_embed (3, C) do decay, as in the reference. The rule is by
+  name because stacking makes per-block vectors 2-D here.
 Trainable parameters are a flat dict {'backbone/blocks/attn/qkv/kernel': array};
 frozen ones (internseg_jax.freeze) are kept out of the optimizer entirely.
 """
@@ -56,9 +58,14 @@ def lr_scales(params: dict, depth: int, rate: float) -> dict:
   return out
 
 
+# Every multi-dimensional parameter that is not a bias: the kernels of Dense,
+# Conv and ConvTranspose layers, and the embeddings.
+DECAYED = re.compile(r'(kernel|cls_token|pos_embed|level_embed)$')
+
+
 def decay_mask(params: dict) -> dict:
-  """True where weight decay applies: kernels, cls_token and pos_embed."""
-  return {path: bool(re.search(r'(kernel|cls_token|pos_embed)$', path)) for path in params}
+  """True where weight decay applies: kernels, cls_token, pos_embed, level_embed."""
+  return {path: bool(DECAYED.search(path)) for path in params}
 
 
 def scale_by_tree(scales: dict) -> optax.GradientTransformation:

@@ -192,18 +192,28 @@ def model_flops_per_device(config) -> float:
   scan's body once, so it cannot be used here.)"""
   bb, d = config.model.backbone, config.data
   blocks = max(int(i) % bb.depth for i in bb.out_indices) + 1
+  # An adapter runs every block up to its last interaction's (its out_indices),
+  # on patch tokens only (no cls token); its own layers are not counted.
   flops = forward_flops(bb.embed_dim, blocks, d.crop_size, patch_size=bb.patch_size,
-                        mlp_ratio=bb.mlp_ratio)
+                        mlp_ratio=bb.mlp_ratio,
+                        cls_token=config.model.get('adapter') is None)
   return flops * (1 if bb.freeze else 3) * config.train.batch_size / jax.device_count()
 
 
 def describe(config, trainer: Trainer, state: TrainState, num_images: int) -> dict:
   """What the run will do, for the start block of the log."""
   bb, head = config.model.backbone, config.model.decode_head
-  model = (f"InternViT {bb.depth} blocks x {bb.embed_dim}, "
-           f"{'UperNet' if head.type == 'uper' else 'linear head'}"
-           f"{' + aux' if config.model.auxiliary_head is not None else ''}"
-           f"{', backbone frozen' if bb.freeze else ''}")
+  adapter = config.model.get('adapter')
+  if adapter is None:
+    model = f'InternViT {bb.depth} blocks x {bb.embed_dim}'
+    frozen = ', backbone frozen'
+  else:
+    model = (f'InternViT-Adapter {bb.depth} blocks x {bb.embed_dim} '
+             f'({len(adapter.interaction_indexes)} interactions)')
+    frozen = ', ViT frozen'
+  model += (f", {'UperNet' if head.type == 'uper' else 'linear head'}"
+            f"{' + aux' if config.model.auxiliary_head is not None else ''}"
+            f"{frozen if bb.freeze else ''}")
   return dict(
       experiment=f'{config.experiment} ({config.variant})', model=model,
       params_trainable=weights.params_count(state.trainable),

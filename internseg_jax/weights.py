@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from internseg_jax import sharding
 from internseg_jax.errors import WeightsError
+from internseg_jax.freeze import VIT_PARAMS
 from internseg_jax.models.build import module_inits
 from internseg_jax.models.resize import resize_pos_embed
 
@@ -89,11 +90,34 @@ def _merge(parts: dict) -> dict:
   return out
 
 
+def part_of(path: str) -> str:
+  """The part of the model a variable ('params/backbone/spm/...') belongs to: a
+  checkpoint holds or lacks each part as a whole. Parts are the top-level
+  modules ('backbone', 'neck', 'decode_head', 'auxiliary_head'), except that an
+  adapter's own layers under backbone/ are the part 'adapter': a converted
+  pretrained ViT has the ViT (part 'backbone') without them."""
+  _, module, *rest = path.split('/')
+  if module == 'backbone' and not VIT_PARAMS.match('/'.join([module, *rest])):
+    return 'adapter'
+  return module
+
+
+def _inits(module, only):
+  """module_inits of the top-level modules holding the parts `only` (None: all)."""
+  inits = module_inits(module)
+  if only is None:
+    return inits
+  wanted = {'backbone' if part == 'adapter' else part for part in only}
+  return {k: f for k, f in inits.items() if k in wanted}
+
+
 def abstract_variables(module, mesh: Mesh, policy=None, only=None):
   """Shapes, storage dtypes (`policy.storage_dtype`) and shardings of the
-  variables, computed without any data."""
-  inits = {k: f for k, f in module_inits(module).items() if only is None or k in only}
+  variables (of the parts `only`, default all), computed without any data."""
+  inits = _inits(module, only)
   shapes = flatten(_merge({k: jax.eval_shape(f, jax.random.key(0)) for k, f in inits.items()}))
+  if only is not None:
+    shapes = {k: s for k, s in shapes.items() if part_of(k) in only}
   shardings = flatten(sharding.param_shardings(unflatten(shapes), mesh))
   dtype = (lambda k, s: policy.storage_dtype(k, s.dtype)) if policy else (lambda k, s: s.dtype)
   return unflatten({k: jax.ShapeDtypeStruct(s.shape, dtype(k, s), sharding=shardings[k])
@@ -101,15 +125,16 @@ def abstract_variables(module, mesh: Mesh, policy=None, only=None):
 
 
 def random_variables(module, mesh: Mesh, seed: int = 0, policy=None, only=None):
-  """Random variables created directly in their shards (no host copy), in
-  their storage dtypes."""
-  inits = {k: f for k, f in module_inits(module).items() if only is None or k in only}
+  """Random variables (of the parts `only`, default all) created directly in
+  their shards (no host copy), in their storage dtypes."""
+  inits = _inits(module, only)
   target = flatten(abstract_variables(module, mesh, policy, only))
 
   def init(rng):
     keys = jax.random.split(rng, len(inits))
     fresh = flatten(_merge({k: f(key) for (k, f), key in zip(sorted(inits.items()), keys)}))
-    return unflatten({k: v.astype(target[k].dtype) for k, v in fresh.items()})
+    # Only the wanted parts are returned: under jit the rest is never computed.
+    return unflatten({k: v.astype(target[k].dtype) for k, v in fresh.items() if k in target})
   out_shardings = unflatten({k: t.sharding for k, t in target.items()})
   return jax.jit(init, out_shardings=out_shardings)(jax.random.key(seed))
 
@@ -178,24 +203,20 @@ def restore_params(params_dir, target):
     handler.close()
 
 
-def _module_of(name):
-  return name.split('/')[1]
-
-
 def restore_variables(path, target, required=('backbone',)):
-  """Restores a checkpoint into the sharded `target` tree. Every top-level
-  module present in the checkpoint must match exactly (missing, unexpected or
-  mis-shaped entries are an error), except that a position embedding of another
-  grid is resized (PyTorch bicubic). Modules absent from the checkpoint are
-  returned as missing (an error if listed in `required`).
-  Returns (flat dict of restored arrays, sorted missing module names)."""
+  """Restores a checkpoint into the sharded `target` tree. Every part
+  (`part_of`) present in the checkpoint must match exactly (missing, unexpected
+  or mis-shaped entries are an error), except that a position embedding of
+  another grid is resized (PyTorch bicubic). Parts absent from the checkpoint
+  are returned as missing (an error if listed in `required`).
+  Returns (flat dict of restored arrays, sorted missing part names)."""
   params_dir = find_params_dir(path)
   stored, wanted = flatten(params_metadata(params_dir)), flatten(target)
-  present = {_module_of(k) for k in stored}
-  missing_modules = sorted({_module_of(k) for k in wanted} - present)
+  present = {part_of(k) for k in stored}
+  missing_modules = sorted({part_of(k) for k in wanted} - present)
   resized = [k for k in stored if k in wanted and k.endswith('pos_embed')
              and stored[k].shape != wanted[k].shape and stored[k].shape[-1] == wanted[k].shape[-1]]
-  expected = {k: t.shape for k, t in wanted.items() if _module_of(k) in present}
+  expected = {k: t.shape for k, t in wanted.items() if part_of(k) in present}
   expected.update({k: stored[k].shape for k in resized})
   problems = key_problems(expected, {k: s.shape for k, s in stored.items()})
   problems += [f'missing: {m} (the whole module)' for m in missing_modules if m in required]
@@ -219,9 +240,10 @@ def restore_variables(path, target, required=('backbone',)):
 
 
 def init_variables(module, mesh: Mesh, checkpoint=None, seed: int = 0, policy=None):
-  """Variables of `module` from `checkpoint` (modules it lacks, e.g. the heads of
-  a converted backbone, random), or all random; created in their shards, in
-  the storage dtypes of `policy` (restores cast while reading)."""
+  """Variables of `module` from `checkpoint` (parts it lacks, e.g. the heads of
+  a converted backbone or the adapter around a converted ViT, random), or all
+  random; created in their shards, in the storage dtypes of `policy` (restores
+  cast while reading)."""
   target = abstract_variables(module, mesh, policy)
   if not checkpoint:
     logging.info('no checkpoint given: random parameters')

@@ -17,7 +17,13 @@ def test_every_config_and_variant_has_the_original_recipe(name, variant):
   bb, t, ev = c.model.backbone, c.train, c.eval
   assert (bb.depth, bb.pretrain_size, bb.embed_dim, bb.num_heads) == (
       want['depth'], want['pretrain_size'], 3200, 25)
-  assert list(bb.out_indices) == want['out_indices']
+  adapter = want.get('adapter')
+  if adapter is None:
+    assert list(bb.out_indices) == want['out_indices'] and c.model.adapter is None
+  else:  # our out_indices for the adapter: the last block of each interaction
+    assert c.model.adapter.to_dict() == adapter
+    assert list(bb.out_indices) == [last for _, last in adapter['interaction_indexes']]
+    assert bb.init_values == want['vit_init_values']
   assert bb.drop_path_rate == want['drop_path'] and bb.freeze == want['freeze']
   assert (t.lr, t.weight_decay, t.layer_decay) == (COMMON['lr'], want['weight_decay'],
                                                    want['layer_decay'])
@@ -25,23 +31,63 @@ def test_every_config_and_variant_has_the_original_recipe(name, variant):
   assert (t.b1, t.b2, t.eps, t.batch_size) == (0.9, 0.999, 1e-8, COMMON['batch'])
   assert (t.eval_every, t.checkpoint_every, t.max_to_keep) == (
       COMMON['eval_every'], COMMON['checkpoint_every'], COMMON['max_keep'])
+  crop, scale = want.get('crop', COMMON['crop']), want.get('scale', COMMON['scale'])
   assert (ev.mode, ev.crop_size, ev.stride, tuple(ev.scale)) == (
-      'slide', COMMON['crop'], COMMON['stride'], COMMON['scale'])
-  assert ev.resize == want['resize'] and ev.size_divisor == 14
-  assert (c.data.crop_size, bb.img_size, tuple(c.data.scale)) == (504, 504, COMMON['scale'])
+      'slide', crop, want.get('stride', COMMON['stride']), scale)
+  assert ev.resize == want['resize'] and ev.size_divisor == want.get('size_divisor', 14)
+  assert (c.data.crop_size, bb.img_size, tuple(c.data.scale)) == (crop, crop, scale)
+  assert bb.patch_size == want.get('patch', 14)
   assert c.model.decode_head.type == want['head'] and c.model.decode_head.num_classes == 150
   aux = c.model.auxiliary_head
   assert (None if aux is None else aux.in_index) == want['aux']
   if want['head'] == 'uper':
-    assert bb.with_fpn and c.model.decode_head.channels == 1536 and aux.loss_weight == 0.4
+    assert bb.with_fpn == want.get('with_fpn', True)
+    assert c.model.decode_head.channels == 1536 and aux.loss_weight == 0.4
   assert c.data.fraction == want.get('fraction', 1)
   config_lib.validate(c)
 
 
 @pytest.mark.parametrize('variant', ['448_v1_0', '448_v2_5'])
-def test_no_448px_few_shot_in_the_original(variant):
+@pytest.mark.parametrize('config', ['fewshot.py:1of8,', 'upernet_adapter.py:'])
+def test_no_448px_few_shot_or_adapter_in_the_original(config, variant):
   with pytest.raises(ConfigError, match='no 448'):
-    config_lib.load_config(f'configs/fewshot.py:1of8,{variant}')
+    config_lib.load_config(f'configs/{config}{variant}')
+
+
+def test_tiny_adapter():
+  c = config_lib.load_config('configs/upernet_adapter.py:tiny')
+  bb, ad = c.model.backbone, c.model.adapter
+  assert (bb.embed_dim, bb.num_heads, bb.depth, bb.patch_size, bb.img_size) == (64, 4, 8, 16, 64)
+  assert ad.interaction_indexes == [[0, 1], [2, 3], [4, 5], [6, 7]] and ad.deform_num_heads == 4
+  assert list(bb.out_indices) == [1, 3, 5, 7] and not bb.with_fpn
+  assert c.eval.crop_size == c.data.crop_size == 64 and c.eval.size_divisor == 0
+  assert c.data.synthetic is not None and c.predict.after_train > 0
+  config_lib.validate(c)
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('eval.mode', 'whole', "eval.mode='whole': must be 'slide' with model.adapter"),
+    ('eval.resize', 'fit', "eval.resize='fit': must be 'short_side' with model.adapter"),
+    ('model.backbone.patch_size', 14, 'must be 16 with model.adapter'),
+    ('model.backbone.with_fpn', True, 'must be False with model.adapter'),
+    ('data.crop_size', 496, 'must be a multiple of 32 with model.adapter'),
+    ('model.adapter.interaction_indexes', [[0, 11], [12, 23], [24, 35], [36, 48]],
+     'pairs within 0..47'),
+    ('model.adapter.interaction_indexes', [[0, 11], [11, 23], [24, 35], [36, 47]],
+     'non-overlapping'),
+    ('model.backbone.out_indices', [11, 23, 35, 46], 'last block of each interaction'),
+    ('model.adapter.deform_num_heads', 7, 'multiple of model.adapter.deform_num_heads'),
+    ('model.auxiliary_head.in_index', 4, 'must index one of the 4 feature maps'),
+])
+def test_validate_adapter(key, value, match):
+  c = config_lib.load_config('configs/upernet_adapter.py')
+  node = c
+  *parents, leaf = key.split('.')
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=match):
+    config_lib.validate(c)
 
 
 def test_one_source_per_value():

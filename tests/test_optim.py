@@ -90,6 +90,57 @@ def test_layer_scales_and_decay_mask_match_the_reference(depth, rate):
     assert np.isclose(float(scales['decode_head/conv_seg/kernel']), 1.0)
 
 
+def original_adapter_segmentor():
+  """The tiny reference adapter + UperNet + aux, frozen as the original's
+  InternViTAdapter.__init__ does: _freeze_params(blocks), _freeze_params(patch_embed),
+  pos_embed.requires_grad = False (freeze_vit froze the cls token, then set to None)."""
+  from tests.reference import adapter_torch, seg_torch
+  adapter = adapter_torch.InternViTAdapterTorch(
+      embed_dim=64, depth=4, num_heads=4, img_size=64, conv_inplane=8, deform_num_heads=4,
+      interaction_indexes=((0, 0), (1, 1), (2, 2), (3, 3)))
+  model = seg_torch.SegmentorTorch(adapter, False, seg_torch.UPerHeadTorch(64, 16, 5),
+                                   seg_torch.FCNAuxHeadTorch(64, 16, 5, in_index=2))
+  for module in (adapter.blocks, adapter.patch_embed):
+    for p in module.parameters():
+      p.requires_grad = False
+  adapter.pos_embed.requires_grad = False
+  return model
+
+
+def adapter_path(torch_name, depth=4):
+  if torch_name.startswith(('decode_head.', 'auxiliary_head.')):
+    return name_map.head_path(torch_name)[0].split('/', 1)[1]
+  for path, key, _, _ in name_map.adapter_rows(depth, 4):
+    if key == torch_name:
+      return 'backbone/' + path
+  raise KeyError(torch_name)
+
+
+@pytest.mark.parametrize('depth', [8, 48])
+def test_adapter_freeze_decay_and_layer_scales_match_the_original(depth):
+  """Every parameter of the original's adapter segmentor: trained iff requires_grad
+  there; weight decay by the original's rule on its names and shapes (level_embed
+  (3, C) decays, injector gamma does not); LR scale with layer id L - 1."""
+  torch_model = original_adapter_segmentor()
+  policy = FreezePolicy(True, jnp.dtype('bfloat16'), 'xla', jnp.dtype('float32'))
+  trained = {}
+  for name, p in torch_model.named_parameters():
+    path = adapter_path(name)
+    assert policy.is_trainable(path) == p.requires_grad, name
+    if p.requires_grad:
+      trained[name] = (path, tuple(p.shape))
+  assert 'backbone.level_embed' in trained and 'backbone.interactions.0.injector.gamma' in trained
+  ours = {path: np.zeros(1) for path, _ in trained.values()}
+  mask = optim.decay_mask(ours)
+  scales = optim.lr_scales(ours, depth, 0.95)
+  num_layers = depth + 2
+  for name, (path, shape) in trained.items():
+    assert mask[path] == reference_decays(name, shape), name
+    want = 0.95 ** (num_layers - reference_layer_id(name, num_layers) - 1)
+    np.testing.assert_allclose(np.asarray(scales[path]).reshape(-1), want, rtol=1e-6)
+  assert mask['backbone/level_embed'] and not mask['backbone/interactions_0/injector/gamma']
+
+
 def test_freeze_policy_keeps_the_neck_adapter_and_heads_trainable():
   frozen = FreezePolicy(True, jnp.dtype('bfloat16'), 'xla', jnp.dtype('float32'))
   trained = FreezePolicy(False, jnp.dtype('bfloat16'), 'xla', jnp.dtype('float32'))

@@ -26,13 +26,15 @@ REMAT_POLICIES = {
 
 
 def forward_flops(embed_dim: int, depth: int, height: int, width: int | None = None,
-                  patch_size: int = 14, mlp_ratio: float = 4.0) -> float:
+                  patch_size: int = 14, mlp_ratio: float = 4.0, cls_token: bool = True) -> float:
   """Matmul FLOPs of one image through `depth` blocks: qkv, proj, MLP, the two
-  attention products, and the patch embedding."""
+  attention products, and the patch embedding (tokens: the patches, plus the
+  cls token unless `cls_token` is False, as in the adapter)."""
   width = height if width is None else width
-  n = 1 + (height // patch_size) * (width // patch_size)
+  patches = (height // patch_size) * (width // patch_size)
+  n = int(cls_token) + patches
   per_block = 2 * n * embed_dim * embed_dim * (4 + 2 * mlp_ratio) + 4 * n * n * embed_dim
-  return depth * per_block + 2 * (n - 1) * 3 * patch_size * patch_size * embed_dim
+  return depth * per_block + 2 * patches * 3 * patch_size * patch_size * embed_dim
 
 
 class RMSNorm(nn.Module):

@@ -8,7 +8,9 @@ max_iters (from _base_/schedules/schedule_*.py), test_cfg crop/stride, the test
 resize of the dataset config (SETR_Resize = short side to the crop; Resize =
 keep-ratio fit into img_scale), decode head kind, auxiliary in_index, and the
 evaluation/checkpoint intervals (1000 in every file: evaluation interval=1000,
-save_best='auto'; checkpoint interval=1000, max_keep_ckpts=2).
+save_best='auto'; checkpoint interval=1000, max_keep_ckpts=2). The adapter's
+file adds crop/scale/stride/size_divisor/patch (COMMON's otherwise) and its
+adapter arguments.
 """
 
 COMMON = dict(lr=4e-5, batch=16, crop=504, stride=322, scale=(2016, 504), eval_every=1000,
@@ -61,6 +63,21 @@ def _files():
         depth=48, pretrain_size=224, out_indices=[47], drop_path=0.4, freeze=False,
         weight_decay=0.05, layer_decay=0.95, warmup=warmup, steps=steps, head='linear', aux=None,
         resize='short_side' if n == 1 else 'fit', fraction=n)
+  # intern_vit_6b/vit_adapter/upernet_intern_vit_adapter_6b_512_80k_ade20k_bs16_lr4e-5.py
+  # with _base_/datasets/ade20k.py (crop 512, Resize img_scale (2048, 512), test
+  # SETR_Resize with ResizeToMultiple commented out), _base_/models/upernet_r50.py
+  # (auxiliary_head in_index 2) and InternViTAdapter's defaults (vit_adapter.py:
+  # conv_inplane 64, n_points 4, deform_num_heads 25); the adapter's out_indices
+  # default (0, 1, 2, 3) means its four maps. Only the 224px weights.
+  out[('upernet_adapter', '224')] = dict(
+      depth=48, pretrain_size=224, out_indices=None, drop_path=0.0, freeze=True,
+      weight_decay=0.05, layer_decay=0.95, warmup=1500, steps=80000, head='uper', aux=2,
+      resize='short_side', crop=512, scale=(2048, 512), stride=341, size_divisor=0, patch=16,
+      with_fpn=False,
+      adapter=dict(interaction_indexes=[[0, 11], [12, 23], [24, 35], [36, 47]], conv_inplane=64,
+                   n_points=4, deform_num_heads=25, injector_init_values=0.0, cffn_ratio=0.25,
+                   deform_ratio=0.25),
+      vit_init_values=0.1)  # init_values=0.0 there goes to the adapter; the ViT keeps 0.1
   return out
 
 
