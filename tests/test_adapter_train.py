@@ -50,9 +50,8 @@ def is_vit(path):
 
 
 def test_cli_trains_evaluates_writes_overlays_and_resumes_exactly(tmp_path):
-  cache = {'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')}
   full = tmp_path / 'full'
-  result = run_main(full, *ARGS, env=cache)
+  result = run_main(full, *ARGS)
   assert result.returncode == 0, result.stderr[-3000:]
   log = result.stdout + result.stderr
   assert 'InternViT-Adapter 8 blocks x 64 (4 interactions)' in log and 'ViT frozen' in log
