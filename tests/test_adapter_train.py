@@ -5,9 +5,9 @@ bf16, never changed, no optimizer state), the adapter and heads train in float32
 a run resumed from a checkpoint continues exactly (same losses, bit-identical
 parameters and optimizer state).
 
-The two runs share XLA's persistent compilation cache (a folder of the test), so
-the resumed run compiles nothing: the adapter's train step takes about a minute
-of CPU to compile.
+The two runs share the session's persistent XLA compilation cache
+(tests/conftest.py), so the resumed run compiles nothing: the adapter's train
+step takes about a minute of CPU to compile.
 """
 import json
 import os
@@ -86,9 +86,9 @@ def test_cli_trains_evaluates_writes_overlays_and_resumes_exactly(tmp_path):
   resumed = tmp_path / 'resumed'
   shutil.copytree(full / 'checkpoints' / '2', resumed / 'checkpoints' / '2')
   result = run_main(resumed, *ARGS, f'--config.data.root={full / "data"}',
-                    '--config.predict.after_train=0', env=cache)
+                    '--config.predict.after_train=0')
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'resumed from step 2' in result.stdout + result.stderr
+  assert 'resuming at 2' in result.stdout + result.stderr
   want = {r['step']: r['loss'] for r in train_rows(full)}
   got = {r['step']: r['loss'] for r in train_rows(resumed)}
   assert sorted(got) == [3, 4] and all(got[s] == want[s] for s in got), (got, want)
