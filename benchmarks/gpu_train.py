@@ -153,8 +153,9 @@ def time_steps(step, state, batch, steps: int):
   return state, sorted(times)[len(times) // 2], float(metrics['loss'])
 
 
-def run_group(group: str, settings, smoke: bool, steps: int) -> list:
-  """One process: the group's settings in order, sharing one train state."""
+def run_group(group: str, settings, smoke: bool, steps: int, emit=lambda row: None) -> list:
+  """One process: the group's settings in order, sharing one train state;
+  `emit(row)` after each setting (so a killed process still reports them)."""
   import jax
   from benchmarks import flops
   from internseg_jax import sharding
@@ -194,6 +195,7 @@ def run_group(group: str, settings, smoke: bool, steps: int) -> list:
       row['limit_gib'] = stats.get('bytes_limit', 0) / GIB
     except Exception as e:  # out of memory ends the group; anything else is reported too
       row['error'] = ('out of memory: ' if is_oom(e) else '') + first_line(e)
+      emit(row)
       break
     count = flops.train_flops(config, adapter=trainer.module.backbone if group == 'adapter'
                               else None)
@@ -212,21 +214,36 @@ def run_group(group: str, settings, smoke: bool, steps: int) -> list:
         row['stub_error'] = first_line(e)
       finally:
         deform_attn.ms_deform_attn_core = original
+    emit(row)
   return rows
 
 
+ROW = 'ROW '  # the prefix of a group's per-setting result lines
+
+
 def child(args, part: str, payload, timeout: float):
-  """Runs `--part part` in a fresh process; returns its JSON result or an error."""
+  """Runs `--part part` in a fresh process. 'info': its JSON dict or {'error'};
+  'group': its rows, each setting that did not report (timed out, crashed)
+  as an error row."""
   cmd = [sys.executable, os.path.abspath(__file__), '--part', part, '--payload',
          json.dumps(payload), '--steps', str(args.steps)] + (['--smoke'] if args.smoke else [])
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=max(timeout, 1))
-  except subprocess.TimeoutExpired:
-    return dict(error=f'timed out after {timeout:.0f} s')
-  lines = proc.stdout.strip().splitlines()
-  if proc.returncode == 0 and lines:
-    return json.loads(lines[-1])
-  return dict(error=f'exit {proc.returncode}: ' + proc.stderr.strip()[-600:])
+    stdout, error = proc.stdout, (None if proc.returncode == 0 else
+                                  f'exit {proc.returncode}: ' + proc.stderr.strip()[-600:])
+  except subprocess.TimeoutExpired as e:
+    stdout = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or '')
+    error = f'timed out after {timeout:.0f} s'
+  lines = stdout.strip().splitlines()
+  if part == 'info':
+    return json.loads(lines[-1]) if lines and not error else dict(error=error or 'no output')
+  group, settings = payload
+  rows = [json.loads(line[len(ROW):]) for line in lines if line.startswith(ROW)]
+  if len(rows) < len(settings) and not (rows and 'error' in rows[-1]):
+    batch, accumulate, *_ = settings[len(rows)]
+    rows.append(dict(group=group, name=NAMES[group], batch=batch, accumulate=accumulate,
+                     error=error or 'no result'))
+  return rows
 
 
 def plan_predictions(path: str) -> dict:
@@ -309,7 +326,8 @@ def main():
     return
   if args.part == 'group':
     group, settings = json.loads(args.payload)
-    print(json.dumps(run_group(group, [tuple(s) for s in settings], args.smoke, args.steps)))
+    run_group(group, [tuple(s) for s in settings], args.smoke, args.steps,
+              emit=lambda row: print(ROW + json.dumps(row), flush=True))
     return
 
   start = time.time()
@@ -335,9 +353,6 @@ def main():
         continue
       got = child(args, 'group', [group, settings], min(GROUP_SECONDS[group] * (
           6 if args.smoke else 1), left + 60))
-      got = got if isinstance(got, list) else [dict(group=group, name=NAMES[group],
-                                                    batch=settings[0][0],
-                                                    accumulate=settings[0][1], **got)]
       rows += got
       if i == 0:
         oom = [('out of memory' in r.get('error', '')) for r in got]
