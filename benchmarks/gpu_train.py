@@ -294,6 +294,13 @@ def render(info, rows, skipped, plan) -> str:
     got = [100 * r['tflops'] / peak for k, r in by.items() if k[0] == group]
     if got:
       lines.append(f'{NAMES[group]}: best {max(got):.1f} % of peak (target >= {target:.0f} %)')
+  compared = [(r, plan[k]['peak'] / GIB) for r in rows if 'error' not in r and r.get('peak_gib')
+              and 'depth' not in r
+              and (k := f"{r['group']} 1x1 b{r['batch']} a{r['accumulate']}") in plan]
+  if compared:
+    close = sum(abs(p - r['peak_gib']) <= 0.15 * r['peak_gib'] for r, p in compared)
+    lines.append(f'memory plan within 15 % of the measured peak: {close} of {len(compared)} '
+                 'settings (target: all)')
   if skipped:
     lines.append('skipped (deadline): ' + ', '.join(skipped))
   return '\n'.join(lines)
