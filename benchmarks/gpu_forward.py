@@ -1,18 +1,28 @@
-r"""GPU: full InternViT-6B forward, JAX vs the PyTorch reference, on one card.
+r"""GPU: full InternViT-6B forward, JAX vs the PyTorch reference, and the
+segmentors' inference forward (head tuning, the adapter), on one card.
 
-  python benchmarks/gpu_forward.py            # ~5 min on one H100/H200
-  python benchmarks/gpu_forward.py --smoke    # tiny sizes, any device (checks the script)
+  python benchmarks/gpu_forward.py [--parts peak,parity,jax,torch,head,adapter]
+      [--json FILE]                              # ~5 min on one H100/H200
+  python benchmarks/gpu_forward.py --smoke       # tiny sizes, any device (checks the script)
 
-Random init, bf16 weights and compute, 504x504 images, batch 8, the 48-block
-224px layout (out_indices [47]). Each part runs in its own process so peak GPU
-memory is measured cleanly:
-  peak    measured bf16 matmul rate (8192^3) in JAX and PyTorch; the max is the peak
-  jax     InternViT in JAX, cuDNN attention and XLA attention
-  torch   the reference (tests/reference) with SDPA attention, eager
-  parity  full width, 4 blocks, shared weights: JAX vs PyTorch outputs on the GPU
+Random init, bf16 compute, batch 8. Each part runs in its own process so peak
+GPU memory is measured cleanly:
+  peak     measured bf16 matmul rate (8192^3) in JAX and PyTorch; the max is the peak
+  jax      InternViT alone (48 blocks, 504 px, out_indices [47], bf16 weights),
+           cuDNN attention and XLA attention
+  torch    the reference (tests/reference) with SDPA attention, eager
+  parity   full width, 4 blocks, shared weights: JAX vs PyTorch outputs on the GPU
+  head     head tuning's segmentor (frozen ViT + neck + UperNet), 504 px,
+           `Segmentor.logits` as evaluation runs it (logits upsampled to the input)
+  adapter  the adapter's segmentor (InternViTAdapter, 48 blocks, + UperNet),
+           512 px, the same way; again with the deformable attention's sampling
+           core replaced by a cheap stand-in of the same shapes: the difference
+           is its share of the forward. Target: >= 0.8x head tuning's images/s.
+Model TFLOP/s count the matmuls and convolutions (benchmarks/flops.py).
 Prints a table; `--json FILE` also writes the rows.
 """
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -157,47 +167,140 @@ def part_parity(cfg):
   return rows
 
 
-PARTS = dict(peak=part_peak, jax=part_jax, torch=part_torch, parity=part_parity)
+def _segmentor_forward(group: str, cfg, standin: bool = False):
+  """Inference forward (`Segmentor.logits`, the evaluation path) of a full
+  segmentor with random weights in their storage dtypes (frozen ViT bf16):
+  head tuning (504 crops) or the adapter (512 crops); rows of images/s, model
+  TFLOP/s and peak memory. `standin`: also time the adapter with its
+  deformable sampling core replaced by a cheap stand-in (its share of the time)."""
+  import jax
+  import numpy as np
+  from benchmarks import adapter_setup, flops
+  from benchmarks.gpu_train import cheap_deform_core
+  from internseg_jax import api, sharding
+  from internseg_jax.models import deform_attn
+  smoke = cfg is SMOKE
+  adapter = group == 'adapter'
+  if adapter:
+    config = adapter_setup.adapter_config(tiny=smoke)
+    context = adapter_setup.install(config)
+  else:
+    config = api.load_config('configs/upernet_frozen.py' + (':tiny' if smoke else ''))
+    context = contextlib.nullcontext()
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  crop, batch = config.data.crop_size, cfg['batch']
+  x = np.random.default_rng(0).normal(size=(batch, crop, crop, 3)).astype(np.float32)
+  name = 'adapter tuning' if adapter else 'head tuning'
+  with context:
+    model = api.init_model(config, mesh=mesh)
+    per_image = flops.train_flops(config, model.module.backbone if adapter else None)['inference']
+    images = jax.device_put(x, sharding.batch_sharding(mesh))
+    forward = model.batched_logits_fn
+    start = time.perf_counter()
+    forward(images).block_until_ready()
+    compile_s = time.perf_counter() - start
+    t = timed(lambda: forward(images).block_until_ready(), cfg['iters'], lambda: None)
+    stats = jax.devices()[0].memory_stats() or {}
+    row = dict(part=group, impl=f'{name} segmentor, {crop}px', seconds=t, compile_s=compile_s,
+               images_s=batch / t, tflops=per_image * batch / t / 1e12,
+               peak_gib=stats.get('peak_bytes_in_use', 0) / 2 ** 30)
+    if standin:
+      original = deform_attn.ms_deform_attn_core
+      deform_attn.ms_deform_attn_core = cheap_deform_core
+      try:
+        stub = inference_forward(model, mesh)
+        stub(images).block_until_ready()
+        row['stub_seconds'] = timed(lambda: stub(images).block_until_ready(), cfg['iters'],
+                                    lambda: None)
+        row['deform_share'] = 1.0 - row['stub_seconds'] / t
+      finally:
+        deform_attn.ms_deform_attn_core = original
+  return [row]
+
+
+def inference_forward(model, mesh):
+  """A freshly traced `Segmentor.logits` of the same model (picks up patches)."""
+  from internseg_jax import inference
+  forward = inference.segmentor_forward(model.module, mesh)
+  return lambda images: forward(model.variables, images)
+
+
+def part_head(cfg):
+  return _segmentor_forward('head', cfg)
+
+
+def part_adapter(cfg):
+  return _segmentor_forward('adapter', cfg, standin=True)
+
+
+PARTS = dict(peak=part_peak, jax=part_jax, torch=part_torch, parity=part_parity, head=part_head,
+             adapter=part_adapter)
+
+
+def versions():
+  import jax
+  import jaxlib
+  return dict(part='versions', jax=jax.__version__, jaxlib=jaxlib.__version__,
+              backend=jax.default_backend(), device=jax.devices()[0].device_kind)
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--part', choices=sorted(PARTS))
+  parser.add_argument('--parts', default='peak,parity,jax,torch,head,adapter',
+                      help='the parts to run, each in its own process, in this order')
   parser.add_argument('--smoke', action='store_true')
   parser.add_argument('--json')
-  parser.add_argument('--timeout', type=int, default=240)
+  parser.add_argument('--timeout', type=int, default=240, help='seconds per part')
   args = parser.parse_args()
   cfg = SMOKE if args.smoke else FULL
   if args.part:  # child process: one part, rows as JSON on the last line
-    print(json.dumps(PARTS[args.part](cfg)))
+    print(json.dumps([versions()] + PARTS[args.part](cfg)))
     return
-  rows = []
-  for part in ('peak', 'parity', 'jax', 'torch'):
+  if not args.smoke:
+    backend = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'],
+                             capture_output=True, text=True).stdout.strip()
+    if backend != 'gpu':
+      sys.exit(f'gpu_forward: jax sees no GPU (backend {backend or "unknown"}): run on a '
+               'machine with one (pip install -r requirements-gpu.txt), or pass --smoke')
+  rows, info = [], {}
+  for part in args.parts.split(','):
     cmd = [sys.executable, __file__, '--part', part] + (['--smoke'] if args.smoke else [])
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
       out = proc.stdout.strip().splitlines()
-      rows += json.loads(out[-1]) if proc.returncode == 0 and out else [
+      got = json.loads(out[-1]) if proc.returncode == 0 and out else [
           dict(part=part, error=proc.stderr[-800:])]
     except subprocess.TimeoutExpired:
-      rows.append(dict(part=part, error=f'timed out after {args.timeout} s'))
+      got = [dict(part=part, error=f'timed out after {args.timeout} s')]
+    info.update(next((r for r in got if r['part'] == 'versions'), {}))
+    rows += [r for r in got if r['part'] != 'versions']
   peak = max([r['tflops'] for r in rows if r['part'] == 'peak' and 'tflops' in r] or [0])
-  print(f"\nInternViT forward, {cfg['depth']} blocks x {cfg['width']}, {cfg['size']}px, batch "
+  print(f"\njax {info.get('jax')}, jaxlib {info.get('jaxlib')}, {info.get('device')}")
+  print(f"InternViT forward, {cfg['depth']} blocks x {cfg['width']}, {cfg['size']}px, batch "
         f"{cfg['batch']}, bf16, {forward_flops(**cfg) / 1e12:.2f} TFLOP/image")
-  print(f"{'impl':28s} {'img/s':>8s} {'TFLOP/s':>8s} {'% peak':>7s} {'peak GiB':>9s}")
+  print(f"{'impl':34s} {'img/s':>8s} {'TFLOP/s':>8s} {'% peak':>7s} {'peak GiB':>9s}")
   for r in rows:
     if 'error' in r:
-      print(f"{r.get('impl', r['part']):28s} ERROR {r['error']}")
+      print(f"{r.get('impl', r['part']):34s} ERROR {r['error']}")
     elif r['part'] == 'parity':
-      print(f"{r['impl']:28s} rel L2 {r['rel_l2']:.2e}")
+      print(f"{r['impl']:34s} rel L2 {r['rel_l2']:.2e}")
     elif r['part'] == 'peak':
-      print(f"{r['impl']:28s} {'':8s} {r['tflops']:8.1f}")
+      print(f"{r['impl']:34s} {'':8s} {r['tflops']:8.1f}")
     else:
-      print(f"{r['impl']:28s} {r['images_s']:8.2f} {r['tflops']:8.1f} "
-            f"{100 * r['tflops'] / peak:6.1f}% {r['peak_gib']:9.2f}")
+      print(f"{r['impl']:34s} {r['images_s']:8.2f} {r['tflops']:8.1f} "
+            f"{100 * r['tflops'] / (peak or float('nan')):6.1f}% {r['peak_gib']:9.2f}")
+  by = {r['part']: r for r in rows if 'images_s' in r}
+  if 'deform_share' in by.get('adapter', {}):
+    a = by['adapter']
+    print(f"adapter: deformable sampling core {100 * a['deform_share']:.0f} % of the forward "
+          f"({a['seconds']:.3f} s per batch; {a['stub_seconds']:.3f} s with the stand-in)")
+  if 'adapter' in by and 'head' in by:
+    print(f"adapter / head tuning images/s at batch {cfg['batch']}: "
+          f"{by['adapter']['images_s'] / by['head']['images_s']:.2f} (target >= 0.8)")
   if args.json:
     with open(args.json, 'w') as f:
-      json.dump(dict(config=cfg, peak_tflops=peak, rows=rows), f, indent=2)
+      json.dump(dict(config=cfg, versions=info, peak_tflops=peak, rows=rows), f, indent=2)
 
 
 if __name__ == '__main__':

@@ -20,7 +20,8 @@ from tests.test_intern_vit import CASES, images_of, rel_l2, torch_features  # no
 
 def main():
   c, heads = 64, 4
-  print(f"{'depth':>5s} {'out_indices':14s} {'pretrain':>8s} {'input':>9s} {'dtype':9s} max rel L2")
+  print(f"{'depth':>5s} {'out_indices':14s} {'pretrain':>8s} {'input':>9s} {'qkv_bias':8s} "
+        f"{'dtype':9s} max rel L2")
   for depth, out_indices, pretrain, hw, qkv_bias in CASES:
     torch_model = ref.randomize_(ref.InternViTTorch(
         embed_dim=c, depth=depth, num_heads=heads, pretrain_size=pretrain, qkv_bias=qkv_bias,
@@ -34,7 +35,7 @@ def main():
       got = model.apply({'params': params}, jnp.asarray(images))
       err = max(rel_l2(g, w) for g, w in zip(got, want))
       print(f'{depth:5d} {str(out_indices):14s} {pretrain:8d} {hw[0]:4d}x{hw[1]:<4d} '
-            f'{jnp.dtype(dtype).name:9s} {err:.2e}')
+            f'{str(qkv_bias):8s} {jnp.dtype(dtype).name:9s} {err:.2e}')
 
 
 if __name__ == '__main__':
