@@ -381,10 +381,9 @@ CAVEATS = """## Method and caveats
 - Gradient accumulation (`train.accumulate`): the step scans over the
   micro-batches, so activations are those of one micro-batch, plus a float32
   gradient sum the size of the trainable parameters.
-- Trained backbones with UperNet run one scan per output over its own slice of
-  the stacked blocks (`InternViT.sliced_scan`): each scan's backward pass
-  accumulates a slice-sized gradient, not a full-depth one (measured by hand
-  before it was the default: full tuning 1 x 8, temp 20.4 -> 14.9 GiB).
+- Trained backbones with UperNet run ONE scan over the blocks that emits every
+  block's output (`InternViT.trained_blocks`): the backward pass holds one
+  gradient buffer for the stacked weights and no copies of per-output slices.
 - Budget: an 80 GB card has 79.6 GiB; 75 GiB usable assumes
   `XLA_PYTHON_CLIENT_MEM_FRACTION=0.95` (JAX preallocates 75 % = 59.7 GiB by
   default) and leaves room for the CUDA context and cuDNN workspaces.

@@ -3,8 +3,8 @@
 Computed once from the config, it decides
 - which parameters are trained (differentiated, with optimizer state),
 - the storage dtype of the frozen ones (bf16 halves their memory),
-- whether the backbone scans over per-output slices of its blocks (only worth
-  it when the blocks are differentiated: see InternViT.sliced_scan),
+- how the backbone scans its blocks (one scan emitting every block's output
+  when they are differentiated: see InternViT.trained_blocks),
 - the attention implementation (cuDNN flash attention on GPU; a trained
   backbone pads its tokens so that the cuDNN backward pass exists).
 Frozen means "the ViT itself": its blocks, patch and position embeddings and
@@ -59,7 +59,7 @@ class FreezePolicy:
     return jnp.dtype(dtype)
 
   @property
-  def sliced_scan(self) -> bool:
+  def trained_blocks(self) -> bool:
     return not self.frozen_backbone
 
   def attention_choice(self, training: bool) -> tuple[str, int]:
@@ -72,4 +72,4 @@ class FreezePolicy:
     """The Flax segmentor of `model_config` under this policy."""
     attention, pad = self.attention_choice(training)
     return build_segmentor(model_config, attention=attention, pad_tokens_to=pad,
-                           sliced_scan=self.sliced_scan and training)
+                           trained_blocks=self.trained_blocks and training)

@@ -148,16 +148,16 @@ def test_rejects_sizes_not_multiple_of_patch():
     model.init(jax.random.key(0), jnp.zeros((1, 30, 28, 3)))
 
 
-def test_sliced_scan_gives_the_same_features_and_gradients():
-  """The trained-backbone layout (one parameter slice per scan) computes the
-  same function and gradients as the closed-over full stack."""
+def test_trained_layout_gives_the_same_features_and_gradients():
+  """The trained-backbone layout (one scan over all blocks emitting every
+  block's output) computes the same function and gradients as a scan per output."""
   x = jnp.asarray(images_of((2, 28, 28, 3)))
   plain = _tiny(depth=6, out_indices=(1, 3, 5))
-  sliced = _tiny(depth=6, out_indices=(1, 3, 5), sliced_scan=True)
+  trained = _tiny(depth=6, out_indices=(1, 3, 5), trained_blocks=True)
   params = plain.init(jax.random.key(0), x)['params']
   loss = lambda m: lambda p: sum(jnp.sum(f ** 2) for f in m.apply({'params': p}, x, train=True))
-  for f, g in zip(plain.apply({'params': params}, x), sliced.apply({'params': params}, x)):
+  for f, g in zip(plain.apply({'params': params}, x), trained.apply({'params': params}, x)):
     np.testing.assert_allclose(f, g, rtol=1e-6, atol=1e-6)
-  g_plain, g_sliced = jax.grad(loss(plain))(params), jax.grad(loss(sliced))(params)
-  for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_sliced)):
+  g_plain, g_trained = jax.grad(loss(plain))(params), jax.grad(loss(trained))(params)
+  for a, b in zip(jax.tree.leaves(g_plain), jax.tree.leaves(g_trained)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

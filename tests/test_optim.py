@@ -155,7 +155,7 @@ def test_freeze_policy_keeps_the_neck_adapter_and_heads_trainable():
   assert frozen.storage_dtype('batch_stats/decode_head/norm/mean', 'float32') == jnp.float32
   assert trained.storage_dtype('params/backbone/blocks/mlp/fc1/kernel', 'float32') == jnp.float32
   assert frozen.attention_choice(training=True) == ('xla', 0)
-  assert not frozen.sliced_scan and trained.sliced_scan
+  assert not frozen.trained_blocks and trained.trained_blocks
 
 
 def test_adamw_step_matches_torch():

@@ -239,7 +239,10 @@ class InternViTAdapter(nn.Module):
   deform_ratio: float = 0.25
   attention: str = 'auto'
   remat: str = 'full'
-  sliced_scan: bool = False   # set when the ViT blocks are trained (see InternViT)
+  # The ViT blocks are differentiated (not in the recipe: its ViT is frozen):
+  # each interaction's scan then closes over its own slice of the stack, so the
+  # backward pass keeps slice-sized gradients instead of 4 full-depth ones.
+  trained_blocks: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -304,7 +307,7 @@ class InternViTAdapter(nn.Module):
                                name=f'interactions_{i}')
       x = layer.inject(x, tokens)
       x = scan_blocks(block, blocks, x, int(ix[0]), int(ix[-1]), self.remat, rates, keys,
-                      sliced=self.sliced_scan)
+                      sliced=self.trained_blocks)
       tokens = layer.extract(x, tokens)
 
     sizes = np.cumsum([lh * lw for lh, lw in levels])

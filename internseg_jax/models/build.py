@@ -15,14 +15,14 @@ ADAPTER_KEYS = ('conv_inplane', 'n_points', 'deform_num_heads', 'injector_init_v
 
 
 def build_backbone(model_config, attention: str | None = None, pad_tokens_to: int = 0,
-                   sliced_scan: bool = False) -> InternViT | InternViTAdapter:
+                   trained_blocks: bool = False) -> InternViT | InternViTAdapter:
   """`attention` overrides model.backbone.attention; the other two are set by
   internseg_jax.freeze (they depend on whether the blocks are trained).
   With `model.adapter`: InternViTAdapter around the same ViT fields."""
   bb = model_config.backbone
   kwargs = {k: bb[k] for k in BACKBONE_KEYS}
   kwargs['out_indices'] = tuple(kwargs['out_indices'])
-  common = dict(sliced_scan=sliced_scan, dtype=jnp.dtype(model_config.dtype),
+  common = dict(trained_blocks=trained_blocks, dtype=jnp.dtype(model_config.dtype),
                 param_dtype=jnp.dtype(model_config.param_dtype))
   attention = attention or bb.attention
   adapter = model_config.get('adapter')

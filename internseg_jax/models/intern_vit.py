@@ -176,11 +176,12 @@ def embed_patches(images, embed_dim: int, patch_size: int, dtype, param_dtype):
 
 
 def scan_blocks(block: Block, blocks, x, start: int, end: int, remat: str = 'full',
-                rates=None, keys=None, sliced: bool = False):
+                rates=None, keys=None, sliced: bool = False, emit: bool = False):
   """Runs blocks start..end (inclusive) of the stacked `blocks` params on x with
   `lax.scan`, each step rematerialized with the `remat` policy. `keys` given:
   stochastic depth with `rates[i]` for block i. `sliced`: the scan closes over
-  its own slice of the stack (see InternViT.__call__)."""
+  its own slice of the stack (the adapter's trained-ViT case). `emit`: also
+  returns every block's output, stacked (end - start + 1, ...)."""
   if remat not in REMAT_POLICIES:
     raise ValueError(f'remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}')
   stack, offset = blocks, 0
@@ -196,13 +197,15 @@ def scan_blocks(block: Block, blocks, x, start: int, end: int, remat: str = 'ful
     layer = jax.tree.map(
         lambda a: jax.lax.dynamic_index_in_dim(a, i - offset, keepdims=False), stack)
     if keys is not None:
-      return block.apply({'params': layer}, x, rates[i], keys[i]), None
-    return block.apply({'params': layer}, x), None
+      x = block.apply({'params': layer}, x, rates[i], keys[i])
+    else:
+      x = block.apply({'params': layer}, x)
+    return x, (x if emit else None)
 
   if remat != 'none':
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-  x, _ = jax.lax.scan(body, x, jnp.arange(start, end + 1))
-  return x
+  x, outputs = jax.lax.scan(body, x, jnp.arange(start, end + 1))
+  return (x, outputs) if emit else x
 
 
 class InternViT(nn.Module):
@@ -221,7 +224,7 @@ class InternViT(nn.Module):
   out_indices: Sequence[int] = (47,)
   attention: str = 'auto'
   remat: str = 'full'
-  sliced_scan: bool = False   # set when the blocks are trained (see __call__)
+  trained_blocks: bool = False  # the blocks are differentiated (see __call__)
   pad_tokens_to: int = 0      # pad the tokens to a multiple of this, keys masked (0: none)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -271,10 +274,24 @@ class InternViT(nn.Module):
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f'remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}')
 
-    features, start = {}, 0
-    for end in indices:
-      x = scan_blocks(block, blocks, x, start, end, self.remat, rates, keys,
-                      sliced=self.sliced_scan and len(indices) > 1)
-      features[end] = x[:, 1:tokens].reshape(b, grid[0], grid[1], c)
-      start = end + 1
+    to_map = lambda t: t[:, 1:tokens].reshape(b, grid[0], grid[1], c)
+    features = {}
+    if self.trained_blocks and len(indices) > 1:
+      # Differentiated: ONE scan over blocks 0..last emits every block's tokens
+      # (depth x the activations, small next to the weights) and the outputs
+      # are picked from them. A scan per output would either close over the
+      # whole stack (a full-depth float32 gradient buffer per scan) or over its
+      # own slice (float32 copies of the slices and of their gradients): with
+      # one scan the backward pass holds one gradient buffer and no copies.
+      _, outputs = scan_blocks(block, blocks, x, 0, indices[-1], self.remat, rates, keys,
+                               emit=True)
+      features = {i: to_map(outputs[i]) for i in indices}
+    else:
+      # Not differentiated (or one output): a scan per output, so only those
+      # outputs are kept; blocks after the last output never run.
+      start = 0
+      for end in indices:
+        x = scan_blocks(block, blocks, x, start, end, self.remat, rates, keys)
+        features[end] = to_map(x)
+        start = end + 1
     return [features[int(i) % self.depth] for i in self.out_indices]
