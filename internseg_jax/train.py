@@ -117,8 +117,8 @@ def run_steps(trainer: Trainer, state: TrainState, loader, ckpts, log, val, work
       log.add(done, metrics)
       unchecked.append(metrics['finite'])
       preempted = sigterm.raised or ckpts.reached_preemption(done)
-      if done % t.log_every == 0 or done == t.steps:
-        log.flush(done)
+      if done % t.log_every == 0 or done == t.steps or preempted:
+        log.flush(done)  # on preemption too: the steps since the last row are kept
       else:
         log.tick(done)
       if done % t.checkpoint_every == 0 or done == t.steps or preempted:

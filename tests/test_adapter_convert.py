@@ -227,14 +227,16 @@ def test_pretrained_file_loads_into_the_adapter_as_the_original_loads_it(tmp_pat
                                 as_numpy(pretrained['blocks.5.mlp.fc2.weight']).T)
 
   # Loaded by api.init_model: the ViT from the file, the adapter's own layers and
-  # the heads random (one warning), the ViT stored in bf16 (frozen).
-  config = tiny_config(**{'train.frozen_dtype': 'bfloat16'})
+  # the heads random (one warning); inference keeps the config's param dtype.
+  config = tiny_config()
   with caplog.at_level(logging.WARNING):
     model = api.init_model(config, str(dst))
   assert 'adapter, auxiliary_head, decode_head not in' in caplog.text
   params = weights.flatten(model.params)
-  assert params['backbone/blocks/mlp/fc1/kernel'].dtype == np.dtype('bfloat16')
+  assert params['backbone/blocks/mlp/fc1/kernel'].dtype == np.float32
   assert params['backbone/level_embed'].dtype == np.float32
+  np.testing.assert_array_equal(np.asarray(params['backbone/blocks/mlp/fc1/kernel']),
+                                np.asarray(ours['blocks']['mlp']['fc1']['kernel'], np.float32))
   np.testing.assert_array_equal(np.asarray(params['backbone/pos_embed']), ours['pos_embed'])
 
   # The reference: original_sd loaded non-strictly into the adapter (cls_token is

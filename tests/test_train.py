@@ -1,6 +1,7 @@
-"""Training: sharded step == single-device step, frozen params, resume after
-SIGKILL, multi-host (2 processes x 4 devices == 1 x 8), NaN stop, clear errors,
-and the demo learning."""
+"""Training: sharded step == single-device step, frozen params, accumulation ==
+the full batch, resume after SIGTERM and SIGKILL (bit-identical), multi-host
+(2 processes x 4 devices, stopped and resumed == 1 x 8), evaluation with the
+best kept, NaN stop, clear errors, and the demo learning."""
 import json
 import os
 import shutil
@@ -159,53 +160,64 @@ def assert_same_run(want_dir, got_dir, step):
     np.testing.assert_array_equal(x, y)
 
 
-def test_resume_after_sigkill_or_sigterm_equals_an_uninterrupted_run(data_root, tmp_path):
-  """Killed (SIGKILL) after a checkpoint, or stopped by SIGTERM (a checkpoint at
-  the current step, then a clean exit), a rerun continues exactly: same losses,
-  bit-identical parameters, each evaluation once, the best kept."""
-  args = [*DEMO, f'--config.data.root={data_root}', '--config.train.steps=24',
-          '--config.train.checkpoint_every=8', '--config.train.log_every=4',
-          '--config.train.eval_every=8', '--config.predict.after_train=0']
-  full = tmp_path / 'full'
-  result = run_main(full, *args)
+RUN_ARGS = [*DEMO, '--config.train.steps=24', '--config.train.checkpoint_every=8',
+            '--config.train.log_every=1', '--config.train.eval_every=8',
+            '--config.predict.after_train=0']
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(data_root, tmp_path_factory):
+  """One uninterrupted single-process run: the reference of the resume tests."""
+  full = tmp_path_factory.mktemp('uninterrupted')
+  result = run_main(full, *RUN_ARGS, f'--config.data.root={data_root}')
   assert result.returncode == 0, result.stderr[-3000:]
-  evals = eval_rows(full)
+  return full
+
+
+def test_uninterrupted_run_evaluates_and_keeps_the_best(uninterrupted):
+  evals = eval_rows(uninterrupted)
   assert [r['step'] for r in evals] == [8, 16, 24]
   best = max(evals, key=lambda r: r['mIoU'])
-  assert os.listdir(full / 'best') == [str(best['step'])]
-  info = json.loads((full / 'best' / str(best['step']) / 'info' / 'metadata').read_text())
+  assert os.listdir(uninterrupted / 'best') == [str(best['step'])]
+  info = json.loads((uninterrupted / 'best' / str(best['step']) / 'info' / 'metadata').read_text())
   assert info == {'step': best['step'], 'mIoU': pytest.approx(best['mIoU'])}
-  out = json.loads((full / 'eval_results.json').read_text())
+  out = json.loads((uninterrupted / 'eval_results.json').read_text())
   assert out['mIoU'] > 0.3  # the demo learns: chance is ~0.06 for 8 classes
+  assert [r['step'] for r in train_rows(uninterrupted)] == list(range(1, 25))
 
-  killed = tmp_path / 'killed'
-  proc = run_main(killed, *args, wait=False)
-  wait_for(killed / 'checkpoints' / '16', proc)  # killed after its second checkpoint
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  # A checkpoint interrupted while being written: an Orbax temporary folder.
-  partial = killed / 'checkpoints' / '20.orbax-checkpoint-tmp-1234'
-  shutil.copytree(killed / 'checkpoints' / '16', partial)
-  shutil.rmtree(partial / 'opt_state')
-  result = run_main(killed, *args)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert 'resuming at 16' in result.stdout + result.stderr
-  assert_same_run(full, killed, 24)
-  assert [r['step'] for r in eval_rows(killed)] == [8, 16, 24]  # none repeated or lost
-  assert os.listdir(killed / 'best') == [str(best['step'])]
 
-  stopped = tmp_path / 'sigterm'
-  proc = run_main(stopped, *args, wait=False)
-  wait_for(stopped / 'checkpoints' / '8', proc)
+def test_resume_after_sigterm_then_sigkill_equals_an_uninterrupted_run(
+    data_root, uninterrupted, tmp_path):
+  """Stopped by SIGTERM (a checkpoint at the current step, then a clean exit),
+  rerun, killed (SIGKILL) after a checkpoint, with a half-written checkpoint
+  left behind, rerun again: the same losses as the uninterrupted run,
+  bit-identical parameters, each evaluation once, the same best kept."""
+  args = [*RUN_ARGS, f'--config.data.root={data_root}']
+  run = tmp_path / 'run'
+  proc = run_main(run, *args, wait=False)
+  wait_for(run / 'checkpoints' / '8', proc)
   proc.send_signal(signal.SIGTERM)
   output = proc.communicate(timeout=300)[0]
   assert proc.returncode == 0, output[-3000:]
-  saved = sorted(int(p) for p in os.listdir(stopped / 'checkpoints') if p.isdigit())
-  assert f'preempted: saved checkpoints/{saved[-1]}' in output
-  result = run_main(stopped, *args)
+  saved = sorted(int(p) for p in os.listdir(run / 'checkpoints') if p.isdigit())
+  assert 8 <= saved[-1] < 16 and f'preempted: saved checkpoints/{saved[-1]}' in output
+  assert train_rows(run)[-1]['step'] == saved[-1]  # the partial interval is logged
+
+  proc = run_main(run, *args, wait=False)
+  wait_for(run / 'checkpoints' / '16', proc)  # killed after its next checkpoint
+  proc.send_signal(signal.SIGKILL)
+  output = proc.communicate()[0]
+  assert f'resuming at {saved[-1]}' in output
+  # A checkpoint interrupted while being written: an Orbax temporary folder.
+  partial = run / 'checkpoints' / '20.orbax-checkpoint-tmp-1234'
+  shutil.copytree(run / 'checkpoints' / '16', partial)
+  shutil.rmtree(partial / 'opt_state')
+  result = run_main(run, *args)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert f'resuming at {saved[-1]}' in result.stdout + result.stderr
-  assert_same_run(full, stopped, 24)
+  assert 'resuming at 16' in result.stdout + result.stderr
+  assert_same_run(uninterrupted, run, 24)
+  assert [r['step'] for r in eval_rows(run)] == [8, 16, 24]  # none repeated or lost
+  assert os.listdir(run / 'best') == os.listdir(uninterrupted / 'best')
 
 
 def free_port():
@@ -220,38 +232,32 @@ def run_two(workdir, args, port):
                    env={'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo'}) for i in range(2)]
 
 
-def test_two_processes_match_one_and_resume_after_sigterm(data_root, tmp_path):
-  """2 processes x 4 devices train like 1 x 8; SIGTERM to both makes them agree
-  on a step, save it and exit; the rerun continues exactly."""
-  args = [*DEMO, f'--config.data.root={data_root}', '--config.train.steps=16',
-          '--config.train.log_every=1', '--config.train.checkpoint_every=4',
-          '--config.train.eval_every=0', '--config.predict.after_train=0',
-          '--config.eval.limit=2']
-  single = tmp_path / 'single'
-  result = run_main(single, *args)
-  assert result.returncode == 0, result.stderr[-3000:]
-  multi = tmp_path / 'multi'
-  procs = run_two(multi, args, free_port())
-  outs = [p.communicate(timeout=600)[0] for p in procs]
-  assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-  want, got = train_rows(single), train_rows(multi)
-  assert len(want) == len(got) == 16
-  for a, b in zip(want, got):
-    np.testing.assert_allclose(b['loss'], a['loss'], rtol=1e-4)
-
-  stopped = tmp_path / 'sigterm'
-  procs = run_two(stopped, args, free_port())
-  wait_for(stopped / 'checkpoints' / '4', procs[0])
+def test_two_processes_stopped_by_sigterm_and_resumed_match_one(
+    data_root, uninterrupted, tmp_path):
+  """2 processes x 4 devices, SIGTERM to both: they agree on a step, save it and
+  exit; the rerun continues; every step's loss equals the single-process 1 x 8
+  run's (float32 sums over other shards: 1e-4; a lost or repeated batch, or
+  mismatched shards, change a loss by far more)."""
+  args = [*RUN_ARGS, f'--config.data.root={data_root}']
+  run = tmp_path / 'multi'
+  procs = run_two(run, args, free_port())
+  wait_for(run / 'checkpoints' / '8', procs[0])
   for p in procs:
     p.send_signal(signal.SIGTERM)
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-  saved = sorted(int(p) for p in os.listdir(stopped / 'checkpoints') if p.isdigit())
-  assert saved[-1] < 16 and f'preempted: saved checkpoints/{saved[-1]}' in outs[0]
-  procs = run_two(stopped, args, free_port())
+  saved = sorted(int(p) for p in os.listdir(run / 'checkpoints') if p.isdigit())
+  assert saved[-1] < 24 and f'preempted: saved checkpoints/{saved[-1]}' in outs[0]
+  procs = run_two(run, args, free_port())
   outs = [p.communicate(timeout=600)[0] for p in procs]
   assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
-  assert_same_run(multi, stopped, 16)
+  assert f'resuming at {saved[-1]}' in outs[0]
+  want = {r['step']: r['loss'] for r in train_rows(uninterrupted)}
+  got = {r['step']: r['loss'] for r in train_rows(run)}  # the last row of each step
+  assert sorted(got) == sorted(want) == list(range(1, 25))
+  for step in want:
+    np.testing.assert_allclose(got[step], want[step], rtol=1e-4, err_msg=f'step {step}')
+  assert [r['step'] for r in eval_rows(run)] == [8, 16, 24]
 
 
 def test_accumulation_equals_the_full_batch_update(data_root):
@@ -262,6 +268,7 @@ def test_accumulation_equals_the_full_batch_update(data_root):
   for k in (1, 2):
     config = demo_config(data_root, accumulate=k)
     config.train.eps = 1.0  # Adam's step linear in the gradient (see the sharded step test)
+    config.train.lr = 1.0  # steps far above the float32 rounding of the parameters
     config.model.norm_eval = True
     config.model.decode_head.dropout = 0.0
     config.model.auxiliary_head.dropout = 0.0
@@ -275,17 +282,18 @@ def test_accumulation_equals_the_full_batch_update(data_root):
   (full, m_full), (acc, m_acc) = outs
   np.testing.assert_allclose(m_acc['loss'], m_full['loss'], rtol=1e-6)
   np.testing.assert_allclose(m_acc['grad_norm'], m_full['grad_norm'], rtol=1e-5)
-  # The update (all parameters) equals the full-batch one to 1e-6 relative L2;
-  # each leaf to 1e-4 of its largest step (float32 sums over the micro-batches
-  # in another order; a bias summing many cancelling terms is the worst case).
+  # The update (all parameters) equals the full-batch one to 3e-4 relative L2 and
+  # each leaf to 3e-3 of its largest step: float32 gradient sums in another order
+  # (seen: 5e-5 and 7e-4, the patch embedding and a neck bias the worst). A bug
+  # (one micro-batch lost, a sum not divided by K) is of order 0.5.
   diff = total = 0.0
   for key in full.trainable:
     want = np.asarray(full.trainable[key], np.float64) - before[key]
     got = np.asarray(acc.trainable[key], np.float64) - before[key]
     ulp = 2 * np.spacing(np.abs(before[key]).astype(np.float32)).astype(np.float64)
-    assert np.all(np.abs(got - want) <= 1e-4 * np.abs(want).max() + ulp), key
+    assert np.all(np.abs(got - want) <= 3e-3 * np.abs(want).max() + ulp), key
     diff, total = diff + np.sum((got - want) ** 2), total + np.sum(want ** 2)
-  assert np.sqrt(diff / total) <= 1e-6
+  assert np.sqrt(diff / total) <= 3e-4
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_root, tmp_path):
