@@ -154,3 +154,35 @@ def test_validate_names_the_key_and_allowed_values(key, value, match):
   node[leaf] = value
   with pytest.raises(ConfigError, match=match):
     config_lib.validate(c)
+
+
+# The config keys that users and acceptance checks call (docs/reference.md, "Contract").
+CONTRACT_KEYS = (
+    'model.backbone.embed_dim', 'model.backbone.depth', 'model.backbone.num_heads',
+    'model.backbone.mlp_ratio', 'model.backbone.patch_size', 'model.backbone.img_size',
+    'model.backbone.pretrain_size', 'model.backbone.qkv_bias',
+    'model.backbone.qk_normalization', 'model.backbone.init_values',
+    'model.backbone.drop_path_rate', 'model.backbone.out_indices', 'model.backbone.with_fpn',
+    'model.backbone.freeze', 'model.decode_head.type', 'model.decode_head.channels',
+    'model.decode_head.num_classes', 'model.auxiliary_head', 'model.dtype', 'init.pretrained',
+    'init.checkpoint', 'data.root', 'eval.mode', 'eval.crop_size', 'eval.stride', 'eval.scale',
+    'eval.resize', 'eval.flip', 'eval.scales', 'train.batch_size', 'train.steps', 'train.lr',
+    'train.checkpoint_every', 'train.eval_every', 'train.log_every', 'train.seed', 'mesh.data',
+    'mesh.fsdp', 'predict.input')
+
+
+@pytest.mark.parametrize('name', [
+    'demo.py', 'features.py', 'linear_frozen.py:448_v2_5', 'fewshot.py:1of8',
+    'upernet_frozen.py:tiny', 'upernet_full.py', 'upernet_adapter.py:tiny'])
+def test_every_config_has_the_contract_keys(name):
+  c = config_lib.load_config(f'configs/{name}')
+  for key in CONTRACT_KEYS:
+    node = c
+    for part in key.split('.'):
+      assert part in node, key
+      node = node[part]
+  aux = c.model.auxiliary_head
+  assert aux is None or {'channels', 'in_index', 'loss_weight'} <= set(aux)
+  assert c.model.dtype in ('bfloat16', 'float32') and c.eval.flip is False
+  assert c.eval.mode in ('slide', 'whole') and c.eval.resize in ('short_side', 'fit')
+  assert c.model.decode_head.type in ('linear', 'uper')
