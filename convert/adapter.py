@@ -81,17 +81,7 @@ def build_tree(source: TensorSource, model: InternViTAdapter, expected: dict | N
     else:
       blocks.setdefault((path, transform), []).append(key)
   for (path, transform), keys in blocks.items():
-    info = source.tensors[keys[0]]
-    slice_shape = transform.apply(np.broadcast_to(np.zeros((), info.dtype), info.shape)).shape
-
-    def get_slice(i, keys=keys, transform=transform):
-      return transform.apply(source.read(keys[i]))
-
-    def written(i, keys=keys):
-      source.release(keys[i])
-
-    flat[path] = lazy_stack.LazyStack(len(keys), tuple(slice_shape), info.dtype, get_slice,
-                                      written)
+    flat[path] = lazy_stack.from_source(source, keys, transform)
   return unflatten(flat), unused
 
 

@@ -11,8 +11,7 @@ import jax
 import numpy as np
 
 from configs.common import VARIANTS
-from convert import name_map, torch_bicubic
-from convert.lazy_stack import LazyStack
+from convert import lazy_stack, name_map, torch_bicubic
 from internseg_jax.errors import ConversionError
 from internseg_jax.models.intern_vit import InternViT
 from internseg_jax.models.resize import resize_pos_embed
@@ -150,16 +149,5 @@ def build_tree(source, arch: dict, ours: dict, *, img_size: int, patch_size: int
     if 'blocks/' + path not in ours:
       continue
     keys = [f'{prefix}blocks.{i}.{key}' for i in range(arch['depth'])]
-    info = source.tensors[keys[0]]
-    # The transform applied to a zero-size stand-in: the slice's shape, no data.
-    slice_shape = transform.apply(np.broadcast_to(np.zeros((), info.dtype), info.shape)).shape
-
-    def get_slice(i, keys=keys, transform=transform):
-      return transform.apply(source.read(keys[i]))
-
-    def written(i, keys=keys):
-      source.release(keys[i])
-
-    flat['blocks/' + path] = LazyStack(arch['depth'], tuple(slice_shape), info.dtype,
-                                       get_slice, written)
+    flat['blocks/' + path] = lazy_stack.from_source(source, keys, transform)
   return unflatten(flat)

@@ -52,6 +52,18 @@ class LazyStack:
     return f'LazyStack(shape={self.shape}, dtype={self.dtype})'
 
 
+def from_source(source, keys, transform) -> LazyStack:
+  """The tensors `keys` of a TensorSource (convert/tensors.py), each through
+  `transform` (a name_map transform), stacked on a new leading axis: each is
+  read when its slice is written and released once it is on disk."""
+  info = source.tensors[keys[0]]
+  # The transform applied to a zero-size stand-in: the slice's shape, no data.
+  slice_shape = transform.apply(np.broadcast_to(np.zeros((), info.dtype), info.shape)).shape
+  return LazyStack(len(keys), tuple(slice_shape), info.dtype,
+                   lambda i: transform.apply(source.read(keys[i])),
+                   lambda i: source.release(keys[i]))
+
+
 def is_lazy(x) -> bool:
   return isinstance(x, LazyStack)
 

@@ -155,7 +155,6 @@ def write_output(dst: str, tree, info: dict) -> None:
     raise
 
 
-
 def open_source(path: str) -> tensors.TensorSource:
   """A `.pth` file, a `.safetensors` file, or a Hugging Face folder (sharded via
   its index, or an InternVL-Chat folder of which only `vision_model.*` is read)."""
@@ -166,6 +165,7 @@ def open_source(path: str) -> tensors.TensorSource:
     return safetensors_io.open_safetensors(path)
   from convert import torch_io
   return torch_io.PthSource(path)
+
 
 def convert(src: str, dst: str, config=None, strict: bool = False) -> dict:
   """Converts `src` into the folder `dst`; returns the info written next to it."""

@@ -13,11 +13,9 @@ name in the file, for messages.
 """
 import dataclasses
 import hashlib
-import os
 
 import numpy as np
 
-from internseg_jax.errors import ConversionError
 
 
 @dataclasses.dataclass(frozen=True)

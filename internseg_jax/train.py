@@ -53,11 +53,11 @@ def _record(state: TrainState, best_miou: float, best_step: int) -> dict:
 
 
 def resume_or_start(trainer: Trainer, ckpts: weights.TrainCheckpoints, loader):
-  """(state, best mIoU so far, its step)."""
+  """(state, (best mIoU so far, its step))."""
   latest = ckpts.latest_step()
   if latest is None:
     init = trainer.config.init
-    return trainer.initial_state(init.checkpoint or init.pretrained), -1.0, -1
+    return trainer.initial_state(init.checkpoint or init.pretrained), (-1.0, -1)
   logging.info('resuming from checkpoints/%d', latest)
   abstract = trainer.abstract
   scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=trainer.replicated)
@@ -66,7 +66,7 @@ def resume_or_start(trainer: Trainer, ckpts: weights.TrainCheckpoints, loader):
       {'step': abstract.step, 'rng': abstract.rng, 'best_miou': scalar(jnp.float32),
        'best_step': scalar(jnp.int32)}, loader)
   state = trainer.from_variables(variables, opt_state, int(record['step']), record['rng'])
-  return state, float(record['best_miou']), int(record['best_step'])
+  return state, (float(record['best_miou']), int(record['best_step']))
 
 
 def evaluate_and_keep_best(trainer: Trainer, state: TrainState, val, workdir: str | None,
@@ -161,8 +161,7 @@ def train_and_evaluate(config, workdir: str) -> dict | None:
   val = sources.make_source(config.data, 'validation')
   ckpts = weights.TrainCheckpoints(workdir, config.train.checkpoint_every,
                                    config.train.max_to_keep)
-  state, *best = resume_or_start(trainer, ckpts, loader)
-  best = tuple(best)
+  state, best = resume_or_start(trainer, ckpts, loader)
   log = train_logging.Logger(workdir, total_steps=config.train.steps,
                              global_batch_size=config.train.batch_size,
                              flops_per_step=model_flops_per_device(config),

@@ -14,6 +14,7 @@
 A "checkpoint folder" holds `params/` (an Orbax PyTree checkpoint of the
 variables {'params': ..., 'batch_stats': ...}) and optionally `info.json`.
 """
+import contextlib
 import json
 from typing import Any, Mapping, Sequence
 
@@ -182,11 +183,8 @@ def read_info(path) -> dict:
 
 def params_metadata(params_dir) -> Any:
   """The stored tree with ShapeDtypeStruct leaves (no data read)."""
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
+  with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
     meta = handler.metadata(epath.Path(params_dir))
-  finally:
-    handler.close()
   tree = getattr(meta, 'tree', meta)
   return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), tree)
 
@@ -195,12 +193,9 @@ def restore_params(params_dir, target):
   """Restores a tree whose leaves are ShapeDtypeStructs with shardings; each array
   is read straight into its shards, cast to the target dtype."""
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
+  with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
     return handler.restore(epath.Path(params_dir),
                            args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args))
-  finally:
-    handler.close()
 
 
 def restore_variables(path, target, required=('backbone',)):

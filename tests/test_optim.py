@@ -1,5 +1,4 @@
 """The optimizer recipe vs mmcv's formulas, written out here from docs/reference.md, "Training recipe"."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

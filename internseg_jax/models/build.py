@@ -65,18 +65,15 @@ def module_inits(segmentor: Segmentor) -> dict:
   'batch_stats': ...}), each from small dummy inputs of the right width, so one
   module can be initialised without building the others."""
   bb = segmentor.backbone
-  p, c = bb.patch_size, bb.embed_dim
-  if isinstance(bb, InternViTAdapter):
-    # The adapter adds pos_embed without interpolation: it initialises only at
-    # exactly img_size. Shapes (jax.eval_shape) cost nothing; under jit the
-    # forward pass is dead code (only the parameters are returned), so a random
-    # init computes only the parameters.
-    maps = [jnp.zeros((1, 2, 2, c))] * 4
-    size = bb.img_size
-    inits = {'backbone': lambda rng: bb.init(rng, jnp.zeros((1, size, size, 3)))}
-  else:
-    maps = [jnp.zeros((1, 2, 2, c))] * len(bb.out_indices)
-    inits = {'backbone': lambda rng: bb.init(rng, jnp.zeros((1, p, p, 3)))}
+  c = bb.embed_dim
+  adapter = isinstance(bb, InternViTAdapter)
+  # The adapter adds pos_embed without interpolation: it initialises only at
+  # exactly img_size (shapes via jax.eval_shape cost nothing; under jit the
+  # forward pass is dead code, so a random init computes only the parameters).
+  # InternViT resizes pos_embed: one patch is enough.
+  size = bb.img_size if adapter else bb.patch_size
+  maps = [jnp.zeros((1, 2, 2, c))] * (4 if adapter else len(bb.out_indices))
+  inits = {'backbone': lambda rng: bb.init(rng, jnp.zeros((1, size, size, 3)))}
   if segmentor.neck is not None:
     inits['neck'] = lambda rng: segmentor.neck.init(rng, maps)
     maps = [jnp.zeros((1, 2, 2, c))] * 4
