@@ -263,15 +263,21 @@ class TrainCheckpoints:
 
   def __init__(self, workdir: str, every: int, max_to_keep: int):
     policy = ocp.checkpoint_managers
+    # Each manager its own barrier names: with several processes, Orbax's
+    # background save threads meet at barriers whose names are the same for
+    # every manager (unless prefixed), so a best/ save overlapping a
+    # checkpoints/ save would join the other's barrier and fail.
+    barriers = lambda name: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=name)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=True,
+        multiprocessing_options=barriers('checkpoints'),
         save_decision_policy=policy.AnySavePolicy([
             policy.FixedIntervalPolicy(every), policy.PreemptionCheckpointingPolicy()]))
     self.manager = ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints', options=options,
                                          item_names=self.ITEMS)
     best_options = ocp.CheckpointManagerOptions(
         max_to_keep=1, best_fn=lambda metrics: metrics['mIoU'], best_mode='max', create=True,
-        enable_async_checkpointing=True)
+        enable_async_checkpointing=True, multiprocessing_options=barriers('best'))
     self.best = ocp.CheckpointManager(epath.Path(workdir) / 'best', options=best_options,
                                       item_names=('params', 'info'))
 
